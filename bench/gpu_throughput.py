@@ -1,0 +1,248 @@
+"""MuseTalk throughput: frames/s by batch size and dtype, model FLOP utilisation, and how many
+concurrent 25 fps live streams one batching FrameWorker sustains against one loop per session.
+
+The networks have MuseTalk's full-size architecture (UNet ~850 M parameters, the sd-vae decoder,
+whisper-tiny) with random weights: speed does not depend on the values. On a CPU use ``--small``
+(tiny widths) to check that the benchmark runs; numbers worth reporting need a GPU::
+
+    python bench/gpu_throughput.py                       # full size on cuda, fp16 and bf16
+    python bench/gpu_throughput.py --small --device cpu --dtypes fp32 --batches 1,4 --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference.engine import FEATURE_SAMPLE_RATE, FPS
+from inference.musetalk.configs import (
+    FULL_UNET,
+    FULL_VAE,
+    TINY_UNET,
+    TINY_VAE,
+    TINY_WHISPER,
+)
+from inference.musetalk.models import MuseTalkModels, PositionalEncoding, resolve_dtype
+from inference.musetalk.renderer import MuseTalkRenderer
+from inference.stream import EngineStream, StreamMode
+from inference.worker import FrameWorker
+
+REFERENCE_TFLOP_PER_FRAME = 0.79
+WHISPER_TINY = {
+    "d_model": 384,
+    "encoder_layers": 4,
+    "encoder_attention_heads": 6,
+    "encoder_ffn_dim": 1536,
+    "decoder_layers": 1,
+    "num_mel_bins": 80,
+    "max_source_positions": 1500,
+}
+BOX = (64, 64, 192, 208)
+
+
+def build_models(small: bool, device: torch.device, dtype: torch.dtype) -> MuseTalkModels:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    whisper = WhisperModel(WhisperConfig(**(TINY_WHISPER if small else WHISPER_TINY))).get_encoder()
+    models = MuseTalkModels(
+        unet=UNet2DConditionModel(**(TINY_UNET if small else FULL_UNET)),
+        vae=AutoencoderKL(**(TINY_VAE if small else FULL_VAE)),
+        whisper=whisper,
+        feature_extractor=WhisperFeatureExtractor(feature_size=80),
+        positional=PositionalEncoding(384),
+        device=device,
+        dtype=dtype,
+    )
+    for module in (models.unet, models.vae, models.whisper, models.positional):
+        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return models
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_frame(renderer: MuseTalkRenderer) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latents, feats = torch.randn(1, 8, 32, 32), torch.randn(1, 50, 384)
+    with FlopCounterMode(display=False) as counter:
+        renderer.infer(latents, feats)
+    return float(counter.get_total_flops())
+
+
+def frames_per_second(renderer: MuseTalkRenderer, batch: int, iters: int) -> float:
+    device = renderer.models.device
+    latents = torch.randn(batch, 8, 32, 32, device=device)
+    feats = torch.randn(batch, 50, 384, device=device)
+    renderer.infer(latents, feats)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        renderer.infer(latents, feats)
+    sync(device)
+    return batch * iters / (time.perf_counter() - start)
+
+
+def live_trial(
+    renderer: MuseTalkRenderer, avatar, streams: int, seconds: float, batching: bool, max_batch: int
+) -> dict[str, float]:
+    """``streams`` live sessions, each fed ``seconds`` of audio at once; frames are due at 25 fps on
+    each stream's clock. Returns the 95th-percentile and worst lateness of speech frames after each
+    stream's first half second (start-up: the first audio window and batch) and the mean start-up."""
+    workers = (
+        [FrameWorker(renderer, max_batch=max_batch)]
+        if batching
+        else [FrameWorker(renderer, max_batch=1, name=f"loop-{i}") for i in range(streams)]
+    )
+    for w in workers:
+        w.start()
+    audio = (0.1 * np.sin(np.arange(int(seconds * FEATURE_SAMPLE_RATE)) / 7.0)).astype(np.float32)
+    opened: list[EngineStream] = [
+        workers[i % len(workers)].open_stream(avatar, StreamMode.LIVE, buffer_frames=1000) for i in range(streams)
+    ]
+    for s in opened:
+        s.feed(audio, np.repeat(audio, 3))
+        s.end_audio()
+    expected = len(audio) // 640
+    lateness: list[float] = []
+    first: list[float] = []
+    seen = [0] * streams
+    warmup = FPS // 2
+    deadline = time.monotonic() + seconds * 3 + 30
+    while min(seen) < expected and time.monotonic() < deadline:
+        now = time.monotonic()
+        for k, s in enumerate(opened):
+            for frame in s.take_frames():
+                if frame.speech:
+                    seen[k] += 1
+                    if seen[k] == 1:
+                        first.append(now - s.started_at)
+                    elif seen[k] > warmup:
+                        lateness.append(now - (s.started_at + frame.index / FPS))
+        time.sleep(0.002)
+    for s in opened:
+        s.cancel()
+    for w in workers:
+        w.stop()
+    if min(seen) < expected:
+        return {"late_p95_s": float("inf"), "late_max_s": float("inf"), "first_frame_s": float("inf")}
+    lateness.sort()
+    return {
+        "late_p95_s": lateness[int(0.95 * (len(lateness) - 1))],
+        "late_max_s": lateness[-1],
+        "first_frame_s": statistics.mean(first),
+    }
+
+
+def sustained_streams(
+    renderer, avatar, seconds: float, batching: bool, max_batch: int, limit: int, tolerance: float
+) -> tuple[int, list[dict[str, float]]]:
+    """The most streams (doubling, then one by one) whose p95 lateness stays under ``tolerance``."""
+    best, trials, n = 0, [], 1
+    while n <= limit:
+        result = {"streams": n, **live_trial(renderer, avatar, n, seconds, batching, max_batch)}
+        trials.append(result)
+        if result["late_p95_s"] > tolerance:
+            break
+        best = n
+        n *= 2
+    step = best + 1
+    while best and step < min(2 * best, limit + 1):
+        result = {"streams": step, **live_trial(renderer, avatar, step, seconds, batching, max_batch)}
+        trials.append(result)
+        if result["late_p95_s"] > tolerance:
+            break
+        best, step = step, step + 1
+    return best, trials
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny widths (CPU smoke run)")
+    parser.add_argument("--dtypes", default="fp16,bf16")
+    parser.add_argument("--batches", default="1,2,4,8,16,32")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=800.0, help="dense peak of the device for MFU")
+    parser.add_argument("--seconds", type=float, default=6.0, help="audio per stream in the live trials")
+    parser.add_argument("--max-streams", type=int, default=64)
+    parser.add_argument("--stream-batch", type=int, default=16, help="max_batch of the batching worker")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="p95 lateness (s) that still counts as real time")
+    parser.add_argument("--chunk-frames", type=int, default=4, help="live audio chunk (frames)")
+    parser.add_argument("--skip-streams", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    report: dict[str, object] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "size": "small" if args.small else "full",
+        "throughput": [],
+        "streams": {},
+    }
+    for name in args.dtypes.split(","):
+        dtype = resolve_dtype(name)
+        models = build_models(args.small, device, dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            renderer = MuseTalkRenderer(models, tmp, detector=lambda frame: BOX, live_chunk_frames=args.chunk_frames)
+            flops = flops_per_frame(renderer)
+            print(
+                f"[{name}] UNet {sum(p.numel() for p in models.unet.parameters()) / 1e6:.0f} M params, "
+                f"{flops / 1e12:.3f} TFLOP/frame measured (reference {REFERENCE_TFLOP_PER_FRAME})"
+            )
+            for batch in (int(b) for b in args.batches.split(",")):
+                fps = frames_per_second(renderer, batch, args.iters)
+                mfu = fps * flops / (args.peak_tflops * 1e12)
+                row = {
+                    "dtype": name,
+                    "batch": batch,
+                    "frames_per_s": round(fps, 2),
+                    "mfu": round(mfu, 4),
+                    "streams_at_25fps": round(fps / FPS, 1),
+                }
+                report["throughput"].append(row)  # type: ignore[union-attr]
+                print(f"  batch {batch:3d}: {fps:8.1f} frames/s  MFU {100 * mfu:5.1f}%  = {fps / FPS:5.1f} streams")
+            if args.skip_streams:
+                continue
+            image = np.full((288, 256, 3), 128, np.uint8)
+            cv2.circle(image, (128, 136), 60, (200, 160, 140), -1)
+            source = Path(tmp) / "face.png"
+            cv2.imwrite(str(source), image)
+            avatar = renderer.prepare_avatar("bench", "Bench", str(source))
+            results = {}
+            for label, batching in (("batched_worker", True), ("loop_per_session", False)):
+                best, trials = sustained_streams(
+                    renderer, avatar, args.seconds, batching, args.stream_batch, args.max_streams, args.tolerance
+                )
+                results[label] = {"sustained_streams": best, "trials": trials}
+                print(
+                    f"  {label}: {best} concurrent 25 fps streams "
+                    f"(p95 lateness per trial: {[round(t['late_p95_s'], 3) for t in trials]})"
+                )
+            report["streams"][name] = results  # type: ignore[index]
+        del models, renderer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    best = max(report["throughput"], key=lambda r: r["frames_per_s"])  # type: ignore[arg-type, index]
+    print(f"best: {best}; median MFU {statistics.median(r['mfu'] for r in report['throughput']):.3f}")  # type: ignore[union-attr, index]
+
+
+if __name__ == "__main__":
+    main()

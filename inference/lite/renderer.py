@@ -1,0 +1,265 @@
+"""The lite renderer: opens and shapes the avatar's mouth from loudness and a viseme cue.
+
+Per frame it copies the avatar's frame, warps a region around the mouth and chin with the
+avatar's precomputed rig (``inference.lite.rig``) for the frame's openness and shape, and paints
+the inside of the mouth (a dark, softly edged opening with a lighter tongue towards the bottom)
+into the gap. All work is on the small region; a frame at rest is the untouched idle frame.
+
+This is an honest stand-in for a lip-sync model: the mouth follows the audio's loudness and its
+rough spectral shape, not the phonemes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from inference.engine import FrameRequest, Renderer
+from inference.face import FaceFinder
+from inference.lite.avatar import LiteAvatar, info_from_meta, load_avatar, read_meta, save_avatar
+from inference.lite.featurizer import REST_OPENNESS, FeaturizerConfig, LiteFeatures, LiteFeaturizer
+from inference.lite.prepare import PrepareParams, preparation_version, prepare_frames
+from inference.lite.rig import JAW_DROP, LENS_STRETCH, UPPER_LIFT, Fields, lens, smoothstep
+
+log = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # as inference.avatar_store: no path tricks
+
+WIDEN = 0.12  # "ee": the corners move out by this many half widths
+ROUND = 0.3  # "oo": the corners move in by this many half widths
+WIDE_DROP = 0.35  # a fully wide mouth opens this much less
+ROUND_DROP = 0.1  # a fully round one this much less
+
+_THROAT = np.array([1.0, 0.34, 0.36], np.float32)  # hue of the inside of the mouth
+_TONGUE = np.array([1.0, 0.52, 0.52], np.float32)  # hue of the tongue
+
+
+class LiteRenderer(Renderer):
+    """CPU renderer without weights.
+
+    ``avatar_root`` is where ``prepare_avatar``/``load_avatar`` keep avatars by id, in
+    ``<avatar_root>/<id>/lite``; ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the
+    caller chooses (what ``inference.avatar_store.AvatarStore`` uses). ``face_detector`` is anything with
+    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: OpenCV's Haar cascades).
+    """
+
+    name = "lite"
+
+    def __init__(
+        self,
+        avatar_root: Path | str | None = None,
+        *,
+        max_batch: int = 8,
+        params: PrepareParams | None = None,
+        featurizer: FeaturizerConfig | None = None,
+        face_detector: FaceFinder | None = None,
+    ) -> None:
+        self.avatar_root = Path(avatar_root) if avatar_root is not None else None
+        self.face_detector = face_detector  # None: OpenCV's Haar cascades, loaded when needed
+        self.max_batch = max_batch
+        self.params = params or PrepareParams()
+        self.featurizer_config = featurizer or FeaturizerConfig()
+        self._version: str | None = None
+
+    # ----- avatars -----
+
+    @property
+    def version(self) -> str:
+        """The preparation version hash; avatars prepared with another one are stale."""
+        if self._version is None:
+            self._version = preparation_version(self.params)
+        return self._version
+
+    def prepare_avatar_dir(
+        self,
+        directory: Path,
+        avatar_id: str,
+        name: str,
+        source: Path | str,
+        *,
+        face_box: tuple[float, float, float, float] | None = None,
+    ) -> LiteAvatar:
+        """Prepare ``source`` and write the avatar into ``directory`` (which should be new)."""
+        prepared = prepare_frames(Path(source), self.params, face_box=face_box, detector=self.face_detector)
+        meta = save_avatar(
+            Path(directory), avatar_id, name, prepared, version=self.version, params=self.params
+        )
+        return LiteAvatar(
+            info_from_meta(meta),
+            prepared.frames,
+            prepared.face,
+            prepared.mouth,
+            version=self.version,
+            meta=meta,
+        )
+
+    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> LiteAvatar | None:
+        """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
+        code or parameters, unless ``allow_stale``)."""
+        return load_avatar(Path(directory), None if allow_stale else self.version)
+
+    def is_current(self, directory: Path) -> bool:
+        """Whether ``directory`` holds an avatar prepared by this code and these parameters."""
+        meta = read_meta(Path(directory))
+        return meta is not None and meta.get("version") == self.version
+
+    def folder(self, avatar_id: str) -> Path:
+        """Where ``prepare_avatar``/``load_avatar`` keep an avatar: ``<avatar_root>/<id>/lite``, the
+        layout ``AvatarStore`` uses (beside ``store.json``, the source, other engines' folders)."""
+        if self.avatar_root is None:
+            raise RuntimeError("LiteRenderer has no avatar_root: use prepare_avatar_dir/load_avatar_dir")
+        if not _SAFE_ID.fullmatch(avatar_id):
+            raise ValueError(f"invalid avatar id {avatar_id!r}")
+        return self.avatar_root / avatar_id / self.name
+
+    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> LiteAvatar:
+        final = self.folder(avatar_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.name}-", dir=final.parent))
+        try:
+            avatar = self.prepare_avatar_dir(tmp, avatar_id, name, source)
+            replace_dir(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return avatar
+
+    def load_avatar(self, avatar_id: str) -> LiteAvatar | None:
+        try:
+            return self.load_avatar_dir(self.folder(avatar_id))
+        except ValueError:
+            return None
+
+    def new_featurizer(self, mode: str = "live") -> LiteFeaturizer:
+        """The same for "clip" and "live": features depend only on the frame and the next one."""
+        return LiteFeaturizer(self.featurizer_config)
+
+    # ----- frames -----
+
+    def render(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
+        return [self.render_one(r.avatar, r.cycle_index, r.features) for r in requests]  # type: ignore[arg-type]
+
+    def render_one(self, avatar: LiteAvatar, cycle_index: int, features: LiteFeatures | None) -> np.ndarray:
+        """One full RGB frame (a new array) of ``avatar`` at loop position ``cycle_index``."""
+        if not isinstance(avatar, LiteAvatar):
+            raise TypeError(f"the lite renderer cannot draw a {type(avatar).__name__}")
+        k = avatar.frame_index(cycle_index)
+        frame = avatar.frames[k]
+        out = frame.copy()
+        if features is None or not math.isfinite(features.open) or features.open < REST_OPENNESS:
+            return out
+        fields, cx, cy = avatar.rig.fields(k)
+        openness = min(1.0, float(features.open))
+        shape = max(-1.0, min(1.0, float(features.width))) if math.isfinite(features.width) else 0.0
+        drop = (
+            openness
+            * JAW_DROP
+            * fields.face_width
+            * (1.0 - (WIDE_DROP if shape > 0 else ROUND_DROP) * abs(shape))
+        )
+        reach = (
+            (WIDEN if shape > 0 else ROUND)
+            * shape
+            * fields.half_width
+            * float(smoothstep(np.asarray(openness * 4.0)))
+        )
+        self._draw(out, frame, fields, cx, cy, drop, reach, avatar.rig.lip_colour)
+        return out
+
+    @staticmethod
+    def _draw(
+        out: np.ndarray,
+        frame: np.ndarray,
+        f: Fields,
+        cx: int,
+        cy: int,
+        drop: float,
+        reach: float,
+        lip: np.ndarray,
+    ) -> None:
+        H, W = frame.shape[:2]
+        h, w = f.shape
+        x0, y0 = cx - f.col, cy - f.row
+        fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
+        if fx1 - fx0 < 2 or fy1 - fy0 < 2:
+            return
+        rows, cols = slice(fy0 - y0, fy1 - y0), slice(fx0 - x0, fx1 - x0)
+        map_x = cv2.addWeighted(f.shift_x[rows, cols], -reach, f.grid_x[rows, cols], 1.0, float(x0))
+        map_y = cv2.addWeighted(f.shift_y[rows, cols], drop, f.grid_y[rows, cols], 1.0, float(y0))
+        split = min(max(f.row - (fy0 - y0), 0), map_y.shape[0])  # the lip line's row in the region
+        line = float(cy)
+        np.minimum(map_y[:split], line, out=map_y[:split])  # above the line nothing comes from below
+        np.maximum(map_y[split:], line, out=map_y[split:])  # below it the gap repeats the lip line
+        region = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        _paint_inside(region, f, f.col - (fx0 - x0), split, drop, reach, lip)
+        out[fy0:fy1, fx0:fx1] = region
+
+    # the renderer holds no per-avatar or per-request state: render() may mix avatars freely
+
+
+def _paint_inside(
+    region: np.ndarray, f: Fields, col: int, line: int, drop: float, reach: float, lip: np.ndarray
+) -> None:
+    """Paint the opening between the lips into ``region`` (in place): centre column ``col``, lip
+    line row ``line``, jaw drop ``drop`` and corner motion ``reach`` in pixels, shades of the lips'
+    colour ``lip``: a shadow under the upper lip, dark inside, the tongue low in the middle."""
+    half = LENS_STRETCH * f.half_width + reach
+    lift = UPPER_LIFT * drop
+    if half < 1.0 or drop < 0.3:
+        return
+    soft_top = max(0.7, 0.008 * f.face_width)
+    soft_bottom = max(1.0, 0.02 * f.face_width)
+    c0 = max(0, int(col - half - 1))
+    c1 = min(region.shape[1], math.ceil(col + half + 2))
+    r0 = max(0, int(line - lift - soft_top - 1))
+    r1 = min(region.shape[0], math.ceil(line + drop + soft_bottom + 2))
+    if c1 <= c0 or r1 <= r0:
+        return
+    x = np.arange(c0, c1, dtype=np.float32) - col
+    y = (np.arange(r0, r1, dtype=np.float32) - line)[:, None]
+    profile = lens(x, half)[None, :]
+    top = -lift * profile
+    bottom = drop * profile
+    inside = np.clip((y - top) / soft_top + 0.5, 0, 1) * np.clip((bottom - y) / soft_bottom + 0.5, 0, 1)
+    inside *= np.clip(profile * 4.0, 0, 1)  # taper into the corners
+    depth = np.clip((y - top) / np.maximum(bottom - top, 1e-3), 0, 1)  # 0 at the upper lip, 1 low
+    across = np.clip(np.abs(x) / half, 0, 1)[None, :]  # 0 in the middle, 1 at the corners
+    # brightness: deepest just under the upper lip and towards the corners, lighter low in the middle
+    level = float(np.clip(lip.max() / 255.0, 0.35, 1.0))
+    value = 40.0 + 55.0 * smoothstep((depth - 0.15) / 0.85) * (1.0 - across) - 15.0 * across
+    tongue = (
+        smoothstep((depth - 0.45) / 0.55) * (1.0 - across * across) * min(1.0, drop / (0.06 * f.face_width))
+    )
+    value = (value + 70.0 * tongue) * level
+    hue = _THROAT + (_TONGUE - _THROAT) * tongue[..., None]
+    colour = hue * value[..., None]
+    alpha = (0.96 * inside)[..., None]
+    patch = region[r0:r1, c0:c1].astype(np.float32)
+    patch += (colour - patch) * alpha
+    region[r0:r1, c0:c1] = np.clip(patch + 0.5, 0, 255).astype(np.uint8)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing any folder there, never leaving ``dst`` half
+    written: the old one is moved aside first and deleted only after the new one is in place."""
+    old: Path | None = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old / dst.name, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

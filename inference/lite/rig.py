@@ -1,0 +1,145 @@
+"""The mouth rig of a lite avatar: displacement fields around the mouth, computed once per avatar.
+
+The mouth is opened by an inverse warp (``cv2.remap``) of a region around the mouth and chin, with
+coordinates in face widths ``F`` around the lip line (``x`` right, ``y`` down, origin at the mouth
+centre on the lip line, ``a`` the half width of the lips):
+
+* below the lip line the lower lip, the chin and the jaw move down by ``D * W(x, y)`` (``D`` the
+  jaw drop in pixels): ``W`` follows the lips' outline (an ellipse across the mouth) near the lips,
+  the jaw (flat across the chin, fading out towards the cheeks) further down, and fades out below
+  the chin so the neck and collar stay put;
+* above it the upper lip rises by ``D * U(x, y)``, a fraction of the drop that fades out before
+  the nose;
+* the lips' corners move out (wide "ee") or in (round "oo") by ``S * V(x, y)``;
+* the gap that opens between the lips samples the lip line itself (the tear); the renderer paints
+  the mouth's inside over it.
+
+The fields depend only on the face width, so frames are grouped into face-width buckets 2 % apart
+and each bucket's fields are computed once; each frame then only needs its position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# all lengths in face widths
+JAW_DROP = 0.11  # lower lip drop at full openness
+UPPER_LIFT = 0.18  # the upper lip rises this fraction of the drop
+LEFT = RIGHT = 0.52  # region warped, around the mouth centre
+UP = 0.24
+DOWN = 0.78
+CHIN = 0.30  # below the lip line, the jaw moves as one down to here...
+NECK = 0.76  # ... and not at all from here
+LIP_SPAN = 0.2  # from the lip line to here, the lips' outline gives way to the jaw's
+JAW_FLAT = 0.18  # the jaw moves fully within this distance of the centre line...
+JAW_EDGE = 0.46  # ... and not at all beyond this
+NOSE = 0.13  # the upper lip's lift fades out this far above the lip line
+CORNER_SPREAD = 1.3  # the corners' sideways motion fades over this many half widths past them
+LENS_STRETCH = 1.08  # the opening is a little wider than the lips' measured half width
+BUCKET_RATIO = 1.02
+
+
+def smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def lens(x: np.ndarray, half: float) -> np.ndarray:
+    """Half-ellipse profile across the mouth: 1 at the centre, 0 at ``+-half``."""
+    return np.sqrt(np.clip(1.0 - (x / max(half, 1e-6)) ** 2, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Fields:
+    """The rig for one face width: grids and displacement weights of the warped region."""
+
+    face_width: float
+    half_width: float  # a: the lips' half width, pixels
+    col: int  # mouth centre column within the region
+    row: int  # lip line row within the region
+    grid_x: np.ndarray  # float32 column of each pixel
+    grid_y: np.ndarray  # float32 row of each pixel
+    shift_x: np.ndarray  # V: sideways motion per pixel of corner motion S
+    shift_y: np.ndarray  # U - W: vertical source offset per pixel of jaw drop D
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid_x.shape  # type: ignore[return-value]
+
+    @classmethod
+    def build(cls, face_width: float, half_ratio: float) -> Fields:
+        F = float(face_width)
+        a = half_ratio * F
+        col, row = math.ceil(LEFT * F), math.ceil(UP * F)
+        w = col + math.ceil(RIGHT * F) + 1
+        h = row + math.ceil(DOWN * F) + 1
+        gy, gx = np.mgrid[0:h, 0:w].astype(np.float32)
+        x = gx - col
+        y = gy - row
+        ax = np.abs(x)
+
+        lip = lens(x, LENS_STRETCH * a)
+        jaw = np.where(
+            ax <= JAW_FLAT * F,
+            1.0,
+            0.5 * (1.0 + np.cos(np.pi * np.clip((ax - JAW_FLAT * F) / ((JAW_EDGE - JAW_FLAT) * F), 0, 1))),
+        )
+        blend = smoothstep((y - 0.03 * F) / ((LIP_SPAN - 0.03) * F))
+        fade = 1.0 - smoothstep((y - CHIN * F) / ((NECK - CHIN) * F))
+        down = np.where(y >= 0, ((1.0 - blend) * lip + blend * jaw) * fade, 0.0)
+        up = np.where(y < 0, UPPER_LIFT * lip * (1.0 - smoothstep(-y / (NOSE * F))), 0.0)
+
+        side = np.where(
+            ax <= a,
+            np.sin(0.5 * np.pi * ax / max(a, 1e-6)),
+            0.5 * (1.0 + np.cos(np.pi * np.clip((ax - a) / (CORNER_SPREAD * a), 0, 1))),
+        )
+        side *= np.exp(-((y / (0.1 * F)) ** 2)) * np.sign(x)
+
+        def frozen(arr: np.ndarray) -> np.ndarray:
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+            out.flags.writeable = False
+            return out
+
+        return cls(F, a, col, row, frozen(gx), frozen(gy), frozen(side), frozen(up - down))
+
+
+class MouthRig:
+    """Per-frame placement of the fields: which bucket and where its mouth centre falls."""
+
+    def __init__(self, face: np.ndarray, mouth: np.ndarray, frames: np.ndarray) -> None:
+        widths = np.maximum(face[:, 2].astype(np.float64), 8.0)
+        ratios = mouth[:, 2] / widths
+        self.half_ratio = float(np.clip(np.median(ratios), 0.12, 0.32))
+        buckets = np.round(np.log(widths) / math.log(BUCKET_RATIO)).astype(np.int64)
+        self._fields = {
+            int(b): Fields.build(BUCKET_RATIO ** float(b), self.half_ratio) for b in np.unique(buckets)
+        }
+        self._bucket = buckets
+        self._centre = np.round(mouth[:, :2]).astype(np.int64)
+        self.lip_colour = lip_colour(frames[0], mouth[0], float(widths[0]))
+
+    def fields(self, frame: int) -> tuple[Fields, int, int]:
+        """The fields of stored frame ``frame`` and the frame pixel of their mouth centre."""
+        f = self._fields[int(self._bucket[frame])]
+        cx, cy = self._centre[frame]
+        return f, int(cx), int(cy)
+
+
+def lip_colour(frame: np.ndarray, mouth: np.ndarray, face_width: float) -> np.ndarray:
+    """Mean RGB (float32) of the redder half of the pixels around the lips: the mouth's inside is
+    painted in darker shades of it, so it matches the picture's tones."""
+    cx, cy, half = (float(v) for v in mouth)
+    h, w = frame.shape[:2]
+    x0, x1 = max(0, int(cx - 0.8 * half)), min(w, int(cx + 0.8 * half) + 1)
+    y0, y1 = max(0, int(cy - 0.1 * face_width)), min(h, int(cy + 0.1 * face_width) + 1)
+    default = np.array([170.0, 90.0, 90.0], np.float32)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return default
+    patch = frame[y0:y1, x0:x1].reshape(-1, 3).astype(np.float32)
+    redness = patch[:, 0] - 0.5 * (patch[:, 1] + patch[:, 2])
+    chosen = patch[redness >= np.median(redness)]
+    return chosen.mean(axis=0).astype(np.float32) if len(chosen) else default

@@ -1,0 +1,143 @@
+"""A prepared MuseTalk avatar, and how it is stored on disk.
+
+On disk (``<folder>/``): ``avatar.json`` (boxes, which frames have a face, the preparation hash),
+``latents.safetensors`` ([N, 8, 32, 32]: masked then reference latent per source frame),
+``masks.npz`` (one uint8 blending weight per face frame, loaded with ``allow_pickle=False``) and
+``frames/NNNNN.png``. Frames without a face keep their place (zero latents, no mask) so indices of
+frames, latents and masks never drift apart; they are shown unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from inference.engine import AvatarInfo, PreparedAvatar
+from inference.musetalk.face import Box
+
+FORMAT = 1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AvatarData:
+    """Everything preparation computes for the source frames (before the loop is made)."""
+
+    frames: np.ndarray  # [N, H, W, 3] uint8 RGB
+    latents: torch.Tensor  # [N, 8, 32, 32]
+    boxes: list[Box | None]
+    alphas: list[np.ndarray | None]  # blending weight over each face box, float32 [h, w]
+    mask_kind: str  # "parsing" or "geometric"
+
+
+class MuseTalkAvatar(PreparedAvatar):
+    """Immutable and shared by every session using it; latents live on the model's device, frames
+    are read-only. ``info.frames`` is the number of source frames; the loop (``cycle_length``,
+    ``2N - 2``) plays them forward then backward, as the lite engine's avatars do."""
+
+    def __init__(self, avatar_id: str, name: str, data: AvatarData, version: str) -> None:
+        n, h, w = data.frames.shape[:3]
+        self.data = data
+        self.data.frames.flags.writeable = False
+        self.version = version
+        self.source_frames = n
+        self.info = AvatarInfo(id=avatar_id, name=name, frames=n, width=w, height=h, ready=True)
+        self.has_face = np.array([b is not None for b in data.boxes], dtype=bool)
+        self.alphas = [a[..., None] if a is not None else None for a in data.alphas]
+
+    def source_index(self, cycle_index: int) -> int:
+        """The source frame at loop position ``cycle_index``: forward then backward, never a jump
+        nor a repeated frame at the turns."""
+        cycle = self.cycle_length
+        i = cycle_index % cycle
+        return i if i < self.source_frames else cycle - i
+
+    def idle_frame(self, cycle_index: int) -> np.ndarray:
+        """The source frame at loop position ``cycle_index`` (shared and read-only)."""
+        return self.data.frames[self.source_index(cycle_index)]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> MuseTalkAvatar:
+        self.data.latents = self.data.latents.to(device=device, dtype=dtype)
+        return self
+
+
+def save_avatar(folder: Path, avatar: MuseTalkAvatar) -> None:
+    """Write atomically: into a temporary folder beside ``folder`` (``.tmp-*``, which the avatar
+    store cleans up after a crash), then renamed over it."""
+    from safetensors.torch import save_file
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        data = avatar.data
+        (tmp / "frames").mkdir()
+        for i, frame in enumerate(data.frames):
+            cv2.imwrite(str(tmp / "frames" / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        save_file({"latents": data.latents.detach().float().cpu().contiguous()}, str(tmp / "latents.safetensors"))
+        masks = {f"m{i:05d}": np.round(a * 255).astype(np.uint8) for i, a in enumerate(data.alphas) if a is not None}
+        np.savez_compressed(tmp / "masks.npz", **masks)
+        meta = {
+            "format": FORMAT,
+            "version": avatar.version,
+            "id": avatar.info.id,
+            "name": avatar.info.name,
+            "frames": len(data.frames),
+            "width": avatar.info.width,
+            "height": avatar.info.height,
+            "boxes": [list(b) if b is not None else None for b in data.boxes],
+            "mask_kind": data.mask_kind,
+        }
+        (tmp / "avatar.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
+    """The avatar stored in ``folder``, or ``None`` when there is none, it is damaged, or (unless
+    ``version`` is ``None``) it was prepared by another version of the preparation or with other
+    models (its hash differs)."""
+    from safetensors.torch import load_file
+
+    meta_path = folder / "avatar.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or (version is not None and meta.get("version") != version):
+            return None
+        n = int(meta["frames"])
+        frames = []
+        for i in range(n):
+            bgr = cv2.imread(str(folder / "frames" / f"{i:05d}.png"), cv2.IMREAD_COLOR)
+            if bgr is None:
+                raise ValueError(f"frame {i} is missing or unreadable")
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        latents = load_file(str(folder / "latents.safetensors"))["latents"]
+        boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]  # type: ignore[misc]
+        with np.load(folder / "masks.npz", allow_pickle=False) as stored:
+            alphas = [
+                stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None for i in range(n)
+            ]
+        data = AvatarData(
+            frames=np.stack(frames), latents=latents, boxes=boxes, alphas=alphas, mask_kind=meta["mask_kind"]
+        )
+        if latents.shape[0] != n or len(boxes) != n:
+            raise ValueError("latents or boxes do not match the frames")
+        return MuseTalkAvatar(meta["id"], meta["name"], data, str(meta.get("version", "")))
+    except Exception as exc:  # damaged or foreign files: prepared again by the caller
+        log.warning("musetalk avatar in %s could not be loaded: %s", folder, exc)
+        return None

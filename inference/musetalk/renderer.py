@@ -1,0 +1,183 @@
+"""The MuseTalk renderer: frames of many sessions and avatars through one UNet + VAE pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.engine import FrameRequest, Renderer
+from inference.musetalk.audio import WhisperSteps, clip_features
+from inference.musetalk.avatar import MuseTalkAvatar, load_avatar, save_avatar
+from inference.musetalk.blend import paste_face
+from inference.musetalk.face import EXTRA_MARGIN, FaceDetector, HaarFaceDetector
+from inference.musetalk.featurizer import WhisperFeaturizer
+from inference.musetalk.masks import FaceParser
+from inference.musetalk.models import MuseTalkModels, load_models
+from inference.musetalk.prepare import prepare, read_frames
+
+PREPARATION_VERSION = "musetalk-v15-prep-1"
+DECODERS = ("sd-vae", "taesd")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class MuseTalkRenderer(Renderer):
+    """MuseTalk v1.5 behind the engine interface.
+
+    ``render`` stacks the latents and audio windows of every request, whatever its session or
+    avatar, runs the UNet once (t = 0, one step) and the decoder once, then blends each face into
+    its own avatar frame. Avatars are stored below ``avatar_root/<id>/musetalk``.
+    """
+
+    name = "musetalk"
+
+    def __init__(
+        self,
+        models: MuseTalkModels,
+        avatar_root: str | Path,
+        *,
+        max_batch: int = 8,
+        decoder: str = "sd-vae",
+        live_chunk_frames: int = 4,
+        detector: FaceDetector | None = None,
+        seed: int = 0,
+    ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
+        if decoder == "taesd" and models.taesd is None:
+            raise ValueError("decoder 'taesd' needs the models loaded with taesd=True")
+        self.models = models
+        self.avatar_root = Path(avatar_root)
+        self.max_batch = max_batch
+        self.decoder = decoder
+        self.live_chunk_frames = live_chunk_frames
+        self._detector = detector
+        self.seed = seed
+        self.audio = WhisperSteps(models.whisper, models.feature_extractor, models.device, models.dtype)
+        self.timestep = torch.zeros((), device=models.device, dtype=torch.long)
+
+    @classmethod
+    def from_folder(
+        cls,
+        models_dir: str | Path,
+        avatar_root: str | Path,
+        *,
+        device: str | torch.device = "cuda",
+        dtype: str | torch.dtype = "fp16",
+        version: str = "v15",
+        decoder: str = "sd-vae",
+        face_parsing: bool | None = None,
+        **options: object,
+    ) -> MuseTalkRenderer:
+        """Load the models from ``models_dir`` (raises ``MissingModelsError`` naming missing files)."""
+        models = load_models(
+            models_dir, device=device, dtype=dtype, version=version, face_parsing=face_parsing, taesd=decoder == "taesd"
+        )
+        return cls(models, avatar_root, decoder=decoder, **options)  # type: ignore[arg-type]
+
+    # ----- avatars -----
+
+    @property
+    def preparation_version(self) -> str:
+        """A hash of everything that shapes a prepared avatar: when it changes, avatars are redone."""
+        vae = self.models.vae.config
+        key = {
+            "prep": PREPARATION_VERSION,
+            "margin": EXTRA_MARGIN,
+            "seed": self.seed,
+            "parsing": self.models.face_parser is not None,
+            "vae": {k: vae[k] for k in ("block_out_channels", "latent_channels", "scaling_factor") if k in vae},
+            "vae_params": sum(p.numel() for p in self.models.vae.parameters()),
+            "vae_probe": float(next(self.models.vae.parameters()).detach().float().flatten()[:16].sum()),
+            "dtype": str(self.models.dtype),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _folder(self, avatar_id: str) -> Path:
+        if not _SAFE_ID.match(avatar_id) or avatar_id in {".", ".."}:
+            raise ValueError(f"invalid avatar id {avatar_id!r}")
+        return self.avatar_root / avatar_id / "musetalk"
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            self._detector = HaarFaceDetector()
+        return self._detector
+
+    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> MuseTalkAvatar:
+        folder = self._folder(avatar_id)
+        parser = None
+        if self.models.face_parser is not None:
+            parser = FaceParser(self.models.face_parser, self.models.device)
+        data = prepare(self.models, read_frames(source), self.detector, parser=parser, seed=self.seed)
+        avatar = MuseTalkAvatar(avatar_id, name, data, self.preparation_version)
+        save_avatar(folder, avatar)
+        return avatar.to(self.models.device, self.models.dtype)
+
+    def load_avatar(self, avatar_id: str) -> MuseTalkAvatar | None:
+        avatar = load_avatar(self._folder(avatar_id), self.preparation_version)
+        return avatar.to(self.models.device, self.models.dtype) if avatar is not None else None
+
+    # ----- audio -----
+
+    def new_featurizer(self, mode: str | None = None) -> WhisperFeaturizer:
+        """Live features by default; ``mode="clip"`` waits for whole segments so that features are
+        exactly the whole-clip ones (the worker does not pass a mode yet)."""
+        return WhisperFeaturizer(
+            self.audio,
+            chunk_frames=self.live_chunk_frames,
+            exact=getattr(mode, "value", mode) == "clip",
+        )
+
+    def clip_features(self, audio: np.ndarray) -> list[torch.Tensor]:
+        """Features of a whole clip at once, as MuseTalk computes them."""
+        return list(clip_features(self.audio, audio).unbind(0))
+
+    # ----- frames -----
+
+    @torch.inference_mode()
+    def infer(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One batch through the UNet and the decoder: ``[B, 8, 32, 32]`` latents and ``[B, 50, 384]``
+        audio windows to ``[B, 256, 256, 3]`` uint8 faces on the device."""
+        m = self.models
+        audio = m.positional(features.to(m.device, m.dtype))
+        pred = m.unet(latents.to(m.device, m.dtype), self.timestep, encoder_hidden_states=audio).sample
+        if self.decoder == "taesd":
+            assert m.taesd is not None
+            image = m.taesd.decode(pred).sample
+        else:
+            image = m.vae.decode(pred / m.vae_scaling).sample
+        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return image.permute(0, 2, 3, 1)
+
+    def render(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
+        avatars = [_musetalk_avatar(r.avatar) for r in requests]
+        sources = [a.source_index(r.cycle_index) for a, r in zip(avatars, requests, strict=True)]
+        todo = [i for i, (a, s) in enumerate(zip(avatars, sources, strict=True)) if a.has_face[s]]
+        images: list[np.ndarray] = [a.data.frames[s] for a, s in zip(avatars, sources, strict=True)]
+        for start in range(0, len(todo), self.max_batch):
+            chunk = todo[start : start + self.max_batch]
+            latents = torch.stack([avatars[i].data.latents[sources[i]] for i in chunk])
+            features = torch.stack([_as_tensor(requests[i].features) for i in chunk])
+            faces = self.infer(latents, features).cpu().numpy()
+            for i, face in zip(chunk, faces, strict=True):
+                avatar, s = avatars[i], sources[i]
+                box, alpha = avatar.data.boxes[s], avatar.alphas[s]
+                assert box is not None and alpha is not None
+                images[i] = paste_face(avatar.data.frames[s], face, box, alpha)
+        return images
+
+
+def _musetalk_avatar(avatar: object) -> MuseTalkAvatar:
+    if not isinstance(avatar, MuseTalkAvatar):
+        raise TypeError(f"the musetalk renderer cannot render a {type(avatar).__name__}")
+    return avatar
+
+
+def _as_tensor(features: object) -> torch.Tensor:
+    return features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))

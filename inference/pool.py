@@ -1,0 +1,85 @@
+"""The node's engine: the renderer chosen by configuration, its frame workers and its avatars."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.avatar_store import AvatarStore
+from inference.engine import PreparedAvatar, Renderer
+from inference.stream import EngineStream, StreamMode
+from inference.worker import FrameWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: str = "auto"
+    models_dir: Path = Path("models")
+    device: str = "cuda"
+    dtype: str = "fp16"
+    workers: int = 1
+    max_batch: int = 8
+    avatar_cache: int = 16
+    data_dir: Path = Path("var")
+
+
+def build_renderer(config: EngineConfig) -> Renderer:
+    """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else ``lite``."""
+    kind = config.kind
+    if kind == "auto":
+        kind = "lite"
+        if config.models_dir.is_dir():
+            from inference.musetalk import check_models
+
+            problems = check_models(config.models_dir)
+            if not problems:
+                kind = "musetalk"
+            else:
+                log.info("models folder incomplete, serving the lite engine: %s", "; ".join(problems))
+    if kind == "musetalk":
+        from inference.musetalk import MuseTalkRenderer
+
+        return MuseTalkRenderer.from_folder(
+            config.models_dir,
+            config.data_dir / "avatars",
+            device=config.device,
+            dtype=config.dtype,
+            max_batch=config.max_batch,
+        )
+    from inference.lite import LiteRenderer
+
+    return LiteRenderer(max_batch=config.max_batch)
+
+
+class EnginePool:
+    """Workers sharing one avatar store; a new stream goes to the least loaded worker."""
+
+    def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
+        self.config = config
+        renderers = renderers or [build_renderer(config) for _ in range(max(1, config.workers))]
+        self.name = renderers[0].name
+        self.workers = [
+            FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
+            for i, r in enumerate(renderers)
+        ]
+        self.avatars = AvatarStore(
+            config.data_dir / "avatars" / self.name, renderers[0], cache_size=config.avatar_cache
+        )
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def open_stream(self, avatar: PreparedAvatar, mode: StreamMode, **options: object) -> EngineStream:
+        worker = min(self.workers, key=lambda w: w.active_streams)
+        return worker.open_stream(avatar, mode, **options)  # type: ignore[arg-type]
+
+    def frames_per_second(self) -> float:
+        return sum(w.frames_per_second() for w in self.workers)

@@ -1,0 +1,59 @@
+"""Wait estimates from measured service times, per tier and per slot count."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ServiceTimes:
+    """Exponentially weighted mean of how long a granted session holds its slot, per tier."""
+
+    def __init__(self, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self._mean: dict[str, float] = {}
+        self._overall: float | None = None
+
+    def record(self, tier: str, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        prev = self._mean.get(tier)
+        self._mean[tier] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+        o = self._overall
+        self._overall = seconds if o is None else o + self.alpha * (seconds - o)
+
+    def mean(self, tier: str) -> float | None:
+        return self._mean.get(tier, self._overall)
+
+    @property
+    def known(self) -> bool:
+        return self._overall is not None
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self._mean)
+
+    def load(self, means: dict[str, float]) -> None:
+        for tier, value in means.items():
+            self.record(tier, value)
+
+
+def estimate_waits(
+    tiers_in_order: Iterable[str],
+    busy_elapsed: Iterable[tuple[str, float]],
+    slots: int,
+    times: ServiceTimes,
+) -> list[float | None]:
+    """Estimated wait of each ticket, given in grant order: the work ahead of it spread over the
+    slots. Work ahead is the expected remainder of every busy slot plus the mean service time of
+    every ticket ahead. ``None`` everywhere until a service time has been measured."""
+    order = list(tiers_in_order)
+    if not times.known:
+        return [None] * len(order)
+    work = 0.0
+    for tier, elapsed in busy_elapsed:
+        mean = times.mean(tier) or 0.0
+        work += max(mean - elapsed, mean * 0.1)
+    slots = max(1, slots)
+    waits: list[float | None] = []
+    for tier in order:
+        waits.append(work / slots)
+        work += times.mean(tier) or 0.0
+    return waits

@@ -1,0 +1,83 @@
+"""The admission policy: pure functions of tiers, times and counts, shared by every backend.
+
+Order: a ticket's key is its join time plus its tier's offset; the smallest key is granted first,
+ties by arrival. Because offsets grow from vip to low, a higher-tier ticket is never granted after
+a lower-tier ticket that joined later, and a lower-tier ticket waits behind higher-tier ones for at
+most its offset (aging by offset), which bounds its wait under any sustained higher-tier load.
+Keys never change, so a waiting ticket only moves back when a ticket with a smaller key joins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from stream_server.settings import QueueSettings
+
+
+@dataclass(frozen=True)
+class Ticket:
+    id: str
+    identity: str
+    tier: str
+    joined_at: float
+    key: float
+    seq: int
+    avatar: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def order(self) -> tuple[float, int]:
+        return (self.key, self.seq)
+
+
+class QueueFull(Exception):
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class IdentityBusy(Exception):
+    """The identity already holds as many active tickets as it may."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Everything the admission check needs to know, read atomically with the reservation."""
+
+    waiting_total: int
+    waiting_in_tier: int
+    identity_active: int
+    eta_s: float | None
+
+
+class TierPolicy:
+    def __init__(self, settings: QueueSettings) -> None:
+        self.settings = settings
+
+    def order_key(self, tier: str, joined_at: float) -> float:
+        return joined_at + self.settings.tier(tier).offset_s
+
+    def check(self, tier: str, state: Admission) -> None:
+        """Raise ``IdentityBusy`` or ``QueueFull`` when a new ticket may not join."""
+        s = self.settings
+        if state.identity_active >= s.per_identity_cap:
+            raise IdentityBusy(f"this identity already has {state.identity_active} active request(s)")
+        retry = self.retry_after(state.eta_s)
+        if state.waiting_total >= s.global_cap:
+            raise QueueFull(f"the queue is full ({s.global_cap} waiting)", retry)
+        cfg = s.tier(tier)
+        if state.waiting_in_tier >= cfg.cap:
+            raise QueueFull(f"the {tier} queue is full ({cfg.cap} waiting)", retry)
+        if state.eta_s is not None and state.eta_s > cfg.max_wait_s:
+            raise QueueFull(
+                f"the estimated wait ({state.eta_s:.0f} s) is over the {tier} maximum "
+                f"({cfg.max_wait_s:.0f} s)",
+                retry,
+            )
+
+    def retry_after(self, eta_s: float | None) -> float:
+        if eta_s is None:
+            return self.settings.retry_after_s
+        return max(1.0, min(eta_s / 4, 60.0))

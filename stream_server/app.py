@@ -1,0 +1,260 @@
+"""The ASGI application: the session socket, the HTTP endpoints and the web client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from inference.avatar_store import InvalidAvatarId, validate_avatar_id
+from inference.pool import EnginePool
+from stream_server.node import Node
+from stream_server.outbox import Outbox
+from stream_server.protocol import (
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    error_message,
+    message_id,
+    parse_client_message,
+)
+from stream_server.session import Session
+from stream_server.settings import Settings
+
+log = logging.getLogger(__name__)
+WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client"
+
+
+def origin_allowed(websocket_or_request: WebSocket | Request, allowed: list[str]) -> bool:
+    """Browsers send Origin; other clients usually do not. Without an allow-list only same-origin
+    pages (and clients without an Origin) may connect."""
+    origin = websocket_or_request.headers.get("origin")
+    if origin is None:
+        return True
+    if allowed:
+        return "*" in allowed or origin in allowed
+    host = websocket_or_request.headers.get("host", "")
+    return urlsplit(origin).netloc == host
+
+
+async def session_socket(websocket: WebSocket) -> None:
+    node: Node = websocket.app.state.node
+    if not origin_allowed(websocket, node.settings.server.allowed_origins):
+        node.metrics.rejections.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
+        await websocket.send_denial_response(
+            JSONResponse(
+                {"type": "error", "code": "forbidden_origin", "message": "this origin may not connect"},
+                status_code=403,
+            )
+        )
+        return
+    await websocket.accept()
+
+    async def send(item: str | bytes) -> None:
+        if isinstance(item, str):
+            await websocket.send_text(item)
+        else:
+            await websocket.send_bytes(item)
+
+    outbox = Outbox(send, coalesce_s=node.settings.queue.coalesce_s)
+    outbox.on_status_sent = node.metrics.position_pushes.inc
+    client = websocket.client
+    session = Session(node, outbox, client.host if client else "unknown")
+    writer = asyncio.create_task(outbox.run(), name=f"writer-{session.id}")
+    node.metrics.connections.inc()
+    limits = node.settings.limits
+    close_code: int | None = None
+    try:
+        while close_code is None:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text, data = message.get("text"), message.get("bytes")
+            msg_id = None
+            try:
+                size = len(text.encode()) if text is not None else len(data or b"")
+                if size > limits.max_message_bytes:
+                    raise ProtocolError(
+                        ErrorCode.MESSAGE_TOO_LARGE,
+                        f"messages are limited to {limits.max_message_bytes} bytes",
+                        close=CloseCode.MESSAGE_TOO_BIG,
+                    )
+                if text is not None:
+                    msg_id = message_id(text)
+                    await session.handle(parse_client_message(text))
+                elif data is not None:
+                    await session.handle_audio(data)
+            except ProtocolError as err:
+                session.send_error(err, msg_id)
+                if err.code is ErrorCode.BAD_MESSAGE:
+                    session.bad_messages += 1
+                    if session.bad_messages >= limits.bad_message_limit:
+                        close_code = CloseCode.POLICY_VIOLATION
+            if session.close_code is not None:
+                close_code = session.close_code
+        if close_code is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(outbox.drained(), 2.0)
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await websocket.close(int(close_code))
+    except WebSocketDisconnect:
+        pass
+    except Exception:
+        log.exception("session %s failed", session.id)
+        with contextlib.suppress(Exception):
+            await send(error_message(ProtocolError(ErrorCode.INTERNAL, "server fault")))
+            await websocket.close(CloseCode.INTERNAL_ERROR)
+    finally:
+        await session.disconnected()
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
+        node.metrics.connections.dec()
+
+
+# ----- HTTP -----
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(WEB_CLIENT / "index.html", media_type="text/html")
+
+
+async def embed_js(request: Request) -> Response:
+    return FileResponse(WEB_CLIENT / "embed.js", media_type="text/javascript")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    node: Node = request.app.state.node
+    ready = node.ready
+    return JSONResponse(
+        {"ready": ready, "engine": node.engine.name}, status_code=200 if ready else 503
+    )
+
+
+async def metrics(request: Request) -> Response:
+    node: Node = request.app.state.node
+    return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def queue_summary(request: Request) -> Response:
+    node: Node = request.app.state.node
+    return JSONResponse(await node.queue_summary())
+
+
+async def list_avatars(request: Request) -> Response:
+    node: Node = request.app.state.node
+    infos = await asyncio.to_thread(node.engine.avatars.list)
+    return JSONResponse(
+        [
+            {"id": a.id, "name": a.name, "frames": a.frames, "width": a.width, "height": a.height, "ready": a.ready}
+            for a in infos
+        ]
+    )
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def create_avatar(request: Request) -> Response:
+    """Admin: the request body is the image or video; ``?id=`` and ``?name=`` name the avatar.
+    Preparation runs as a background job; the avatar is listed with ``ready: false`` until done."""
+    node: Node = request.app.state.node
+    try:
+        identity = node.auth.identify(_bearer(request), request.client.host if request.client else "")
+    except ProtocolError as err:
+        return JSONResponse({"code": err.code.value, "message": err.message}, status_code=401)
+    if not identity.is_admin:
+        return JSONResponse({"code": "forbidden", "message": "an admin token is required"}, status_code=403)
+    try:
+        avatar_id = validate_avatar_id(request.query_params.get("id", ""))
+    except InvalidAvatarId as exc:
+        return JSONResponse({"code": "bad_message", "message": str(exc)}, status_code=400)
+    name = request.query_params.get("name", avatar_id)[:100]
+    body = await request.body()
+    if not body:
+        return JSONResponse({"code": "bad_message", "message": "the body must be an image or a video"}, status_code=400)
+    suffix = {"image/png": ".png", "image/jpeg": ".jpg", "video/mp4": ".mp4", "video/webm": ".webm"}.get(
+        request.headers.get("content-type", ""), ".bin"
+    )
+    upload = Path(tempfile.gettempdir()) / f"mts-upload-{secrets.token_hex(8)}{suffix}"
+    await asyncio.to_thread(upload.write_bytes, body)
+
+    def prepare() -> None:
+        try:
+            node.engine.avatars.prepare(avatar_id, name, upload)
+        except Exception:
+            log.exception("preparing avatar %s failed", avatar_id)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    job = asyncio.get_running_loop().run_in_executor(None, prepare)
+    request.app.state.jobs.add(job)
+    job.add_done_callback(request.app.state.jobs.discard)
+    return JSONResponse({"id": avatar_id, "name": name, "ready": False}, status_code=202)
+
+
+async def get_clip(request: Request) -> Response:
+    node: Node = request.app.state.node
+    key = request.path_params["key"]
+    if not node.clips.exists(key):
+        return JSONResponse({"code": "not_found", "message": "no such clip"}, status_code=404)
+    etag = f'"{key}"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    node.metrics.clips_served.inc()
+    return FileResponse(
+        node.clips.path(key), media_type="video/mp4", headers=headers, content_disposition_type="inline"
+    )
+
+
+def create_app(settings: Settings | None = None, *, engine: EnginePool | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        node = Node(settings, engine=engine)
+        app.state.node = node
+        app.state.jobs = set()
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.stop()
+
+    routes = [
+        WebSocketRoute("/v1/stream", session_socket),
+        Route("/", index),
+        Route("/embed.js", embed_js),
+        Route("/v1/avatars", list_avatars, methods=["GET"]),
+        Route("/v1/avatars", create_avatar, methods=["POST"]),
+        Route("/v1/queue", queue_summary),
+        Route("/v1/clips/{key}.mp4", get_clip, methods=["GET", "HEAD"]),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def text_response(message: str, status: int = 200) -> PlainTextResponse:
+    return PlainTextResponse(message, status_code=status)

@@ -1,0 +1,103 @@
+"""``musetalk-stream``: serve, mint tokens, check or fetch models, and the command-line client."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from stream_server.settings import TIER_NAMES, Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from stream_server.app import create_app
+
+    settings = Settings()
+    host = args.host or settings.server.host
+    port = args.port or settings.server.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        ws="websockets-sansio",
+        ws_max_size=settings.limits.max_message_bytes,
+        ws_ping_interval=settings.server.ws_ping_interval_s,
+        ws_ping_timeout=settings.server.ws_ping_timeout_s,
+        log_level="info",
+    )
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from stream_server.auth import Authenticator
+
+    settings = Settings()
+    auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
+    roles = ["admin"] if args.admin else None
+    print(auth.mint(args.sub, args.tier, ttl_s=args.ttl, roles=roles))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from inference.musetalk import check_models, download_models
+
+    root = Path(args.dir or Settings().engine.models_dir)
+    if args.action == "download":
+        download_models(root)
+    problems = check_models(root)
+    if problems:
+        print(f"{root}: incomplete", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{root}: complete")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from stream_server.client import run_client
+
+    return run_client(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musetalk-stream", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the server (the default command)")
+    serve.add_argument("--host", default=None, help="bind address (default: server.host)")
+    serve.add_argument("--port", type=int, default=None, help="bind port (default: server.port)")
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("token", help="mint an HS256 token from the configured secret")
+    token.add_argument("--sub", required=True, help="the identity the token names")
+    token.add_argument("--tier", required=True, choices=TIER_NAMES)
+    token.add_argument("--ttl", type=float, default=86_400, help="seconds until it expires (default one day)")
+    token.add_argument("--admin", action="store_true", help="grant the admin role")
+    token.set_defaults(func=_token)
+
+    models = sub.add_parser("models", help="check or download the MuseTalk weights")
+    models.add_argument("action", choices=["check", "download"])
+    models.add_argument("--dir", default=None, help="models folder (default: engine.models_dir)")
+    models.set_defaults(func=_models)
+
+    client = sub.add_parser("client", help="send audio, wait in line, save the lip-synced video")
+    client.add_argument("--avatar", required=True)
+    client.add_argument("--audio", required=True, type=Path)
+    client.add_argument("-o", "--output", required=True, type=Path)
+    client.add_argument("--server", default="http://127.0.0.1:8000")
+    client.add_argument("--token", default=None)
+    client.set_defaults(func=_client)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv or [])])
+    sys.exit(args.func(args))

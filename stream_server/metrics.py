@@ -1,0 +1,34 @@
+"""The node's Prometheus metrics, in an app-owned registry (no per-session labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.queue_waiting = Gauge("mts_queue_waiting", "Tickets waiting, per tier", ["tier"], registry=r)
+        self.queue_wait = Histogram(
+            "mts_queue_wait_seconds", "Time from join to grant", ["tier"], buckets=WAIT_BUCKETS, registry=r
+        )
+        self.grants = Counter("mts_grants_total", "Slots granted", ["tier"], registry=r)
+        self.rejections = Counter("mts_rejections_total", "Errors sent to clients, by code", ["code"], registry=r)
+        self.sessions_active = Gauge("mts_sessions_active", "Sessions holding a slot", registry=r)
+        self.connections = Gauge("mts_connections", "Open session sockets", registry=r)
+        self.slots_total = Gauge("mts_slots_total", "Slots this node admits", registry=r)
+        self.slots_busy = Gauge("mts_slots_busy", "Slots in use (all nodes sharing the queue)", registry=r)
+        self.loop_lag = Histogram(
+            "mts_event_loop_lag_seconds", "Event-loop scheduling lag", buckets=LAG_BUCKETS, registry=r
+        )
+        self.frames = Counter("mts_frames_total", "Video frames streamed", registry=r)
+        self.render_fps = Gauge("mts_render_frames_per_second", "Measured render rate, all workers", registry=r)
+        self.service = Histogram(
+            "mts_service_seconds", "How long a granted session held its slot", ["mode"],
+            buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.clips_served = Counter("mts_clips_served_total", "Clips served over HTTP or from the cache", registry=r)
+        self.position_pushes = Counter("mts_position_pushes_total", "queued messages sent", registry=r)

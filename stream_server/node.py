@@ -1,0 +1,192 @@
+"""One serving node: admission, the grant loop, the position fan-out, engines, avatars and clips.
+
+Sessions register their tickets here. The dispatcher grants slots whenever something changes;
+the notifier recomputes the line once per change (batched) and hands every waiting session its
+new status through its outbox, which coalesces and never blocks the notifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from inference.pool import EngineConfig, EnginePool
+from stream_server.admission.backend import AdmissionQueue, Grant, QueueView
+from stream_server.admission.memory import MemoryAdmissionQueue
+from stream_server.auth import Authenticator
+from stream_server.clips import ClipStore
+from stream_server.loop_lag import LoopLagMonitor
+from stream_server.metrics import Metrics
+from stream_server.protocol import encode
+from stream_server.ratelimit import RateLimiter
+from stream_server.settings import TIER_NAMES, Settings
+
+if TYPE_CHECKING:
+    from stream_server.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings, *, engine: EnginePool | None = None) -> None:
+        settings.check()
+        self.settings = settings
+        self.metrics = Metrics()
+        self.auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
+        self.admission: AdmissionQueue = MemoryAdmissionQueue(settings.queue, settings.engine.slots)
+        data = settings.server.data_dir
+        self.engine = engine or EnginePool(
+            EngineConfig(
+                kind=settings.engine.kind,
+                models_dir=settings.engine.models_dir,
+                device=settings.engine.device,
+                dtype=settings.engine.dtype,
+                workers=settings.engine.workers,
+                max_batch=settings.engine.max_batch,
+                avatar_cache=settings.engine.avatar_cache,
+                data_dir=data,
+            )
+        )
+        self.clips = ClipStore(data / "clips")
+        self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self.waiting_sessions: dict[str, Session] = {}
+        self.granted_sessions: dict[str, Session] = {}
+        self.parked: dict[str, tuple[Session, float]] = {}
+        self.ready = False
+        self._changed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_view: QueueView | None = None
+        self.metrics.slots_total.set(settings.engine.slots)
+
+    # ----- lifecycle -----
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.engine.avatars.ensure_default)
+        self.engine.start()
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
+            asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
+        ]
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(self.engine.stop)
+
+    def changed(self) -> None:
+        """Something about the line changed: grant what can be granted and push positions."""
+        self._changed.set()
+
+    # ----- tickets -----
+
+    def register_waiting(self, ticket_id: str, session: Session) -> None:
+        self.waiting_sessions[ticket_id] = session
+        self.changed()
+
+    def forget_waiting(self, ticket_id: str) -> None:
+        self.waiting_sessions.pop(ticket_id, None)
+        self.changed()
+
+    async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
+        if self.granted_sessions.pop(ticket_id, None) is not None and served:
+            self.metrics.service.labels(mode).observe(held_s)
+        await self.admission.release(ticket_id, time.monotonic(), served=served)
+        self.metrics.sessions_active.set(len(self.granted_sessions))
+        self.changed()
+
+    def park(self, session: Session) -> None:
+        """A queued session's socket closed: keep it for the resume grace."""
+        self.parked[session.id] = (session, time.monotonic() + self.settings.queue.resume_grace_s)
+
+    def unpark(self, session_id: str) -> Session | None:
+        entry = self.parked.pop(session_id, None)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    # ----- the loops -----
+
+    async def _dispatch_loop(self) -> None:
+        heartbeat = self.settings.queue.heartbeat_s
+        next_heartbeat = time.monotonic() + heartbeat
+        while True:
+            timeout = max(0.0, next_heartbeat - time.monotonic())
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+            try:
+                await self._grant_all()
+                force = time.monotonic() >= next_heartbeat
+                if force:
+                    next_heartbeat = time.monotonic() + heartbeat
+                    self._expire_parked()
+                await self._push_positions(force=force)
+            except Exception:
+                log.exception("dispatcher round failed")
+                await asyncio.sleep(0.1)
+
+    async def _grant_all(self) -> None:
+        while True:
+            grant = await self.admission.grant(time.monotonic())
+            if grant is None:
+                return
+            self._on_grant(grant)
+
+    def _on_grant(self, grant: Grant) -> None:
+        ticket = grant.ticket
+        session = self.waiting_sessions.pop(ticket.id, None)
+        self.metrics.grants.labels(ticket.tier).inc()
+        self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
+        if session is None or not session.take_grant(grant):
+            asyncio.get_running_loop().create_task(self.release(ticket.id, served=False))
+            return
+        self.granted_sessions[ticket.id] = session
+        self.metrics.sessions_active.set(len(self.granted_sessions))
+
+    async def _push_positions(self, *, force: bool) -> None:
+        view = await self.admission.view(time.monotonic())
+        self._last_view = view
+        size = len(view.waiting)
+        counts = dict.fromkeys(TIER_NAMES, 0)
+        for position, (ticket, eta) in enumerate(zip(view.waiting, view.eta_s, strict=True), start=1):
+            counts[ticket.tier] = counts.get(ticket.tier, 0) + 1
+            session = self.waiting_sessions.get(ticket.id)
+            if session is not None:
+                session.queue_status(position, size, eta, force=force)
+        for tier, n in counts.items():
+            self.metrics.queue_waiting.labels(tier).set(n)
+        self.metrics.slots_busy.set(view.slots_busy)
+        self.metrics.render_fps.set(self.engine.frames_per_second())
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for sid in [sid for sid, (_, until) in self.parked.items() if until < now]:
+            del self.parked[sid]
+
+    # ----- public summaries -----
+
+    async def queue_summary(self) -> dict[str, object]:
+        view = await self.admission.view(time.monotonic())
+        tiers: dict[str, dict[str, object]] = {}
+        for tier in TIER_NAMES:
+            etas = [e for t, e in zip(view.waiting, view.eta_s, strict=True) if t.tier == tier]
+            last = etas[-1] if etas else None
+            tiers[tier] = {"size": len(etas), "eta_s": None if last is None else round(last, 1)}
+        return {"tiers": tiers, "slots": {"total": view.slots_total, "busy": view.slots_busy}}
+
+
+def queued_message(position: int, size: int, tier: str, eta: float | None) -> str:
+    return encode(
+        "queued", position=position, queue_size=size, tier=tier, eta_s=None if eta is None else round(eta, 1)
+    )

@@ -1,0 +1,134 @@
+"""Configuration: defaults here, a TOML file over them, environment variables over both.
+
+``configs/default.toml`` documents every key; a test keeps it equal to the defaults below.
+Environment: prefix ``MTS_``, nesting with ``__`` (``MTS_QUEUE__GLOBAL_CAP=2000``).
+``MTS_CONFIG`` names another TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+TIER_NAMES = ("vip", "normal", "low")
+Tier = Literal["vip", "normal", "low"]
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""
+    allowed_origins: list[str] = Field(default_factory=list)
+    ws_ping_interval_s: float = 20.0
+    ws_ping_timeout_s: float = 20.0
+    data_dir: Path = Path("var")
+
+
+class AuthSettings(BaseModel):
+    hs256_secret: str = ""
+    public_key_file: str = ""
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
+    leeway_s: float = 5.0
+    resume_secret: str = ""
+
+
+class TierSettings(BaseModel):
+    offset_s: float
+    cap: int = 1000
+    max_wait_s: float
+
+
+def _default_tiers() -> dict[str, TierSettings]:
+    return {
+        "vip": TierSettings(offset_s=0.0, cap=1000, max_wait_s=300.0),
+        "normal": TierSettings(offset_s=20.0, cap=1000, max_wait_s=600.0),
+        "low": TierSettings(offset_s=60.0, cap=1000, max_wait_s=900.0),
+    }
+
+
+class QueueSettings(BaseModel):
+    global_cap: int = 1000
+    per_identity_cap: int = 1
+    resume_grace_s: float = 30.0
+    heartbeat_s: float = 5.0
+    coalesce_s: float = 0.25
+    retry_after_s: float = 10.0
+    tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
+
+    def tier(self, name: str) -> TierSettings:
+        return self.tiers[name]
+
+
+class LimitSettings(BaseModel):
+    max_audio_seconds: float = 120.0
+    max_audio_bytes: int = 20_000_000
+    max_message_bytes: int = 1_048_576
+    max_live_session_s: float = 1800.0
+    start_rate_per_minute: float = 20
+    start_burst: int = 5
+    bad_message_limit: int = 20
+
+
+class EngineSettings(BaseModel):
+    kind: Literal["auto", "lite", "musetalk"] = "auto"
+    models_dir: Path = Path("models")
+    device: str = "cuda"
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
+    workers: int = 1
+    slots: int = 4
+    max_batch: int = 8
+    stream_buffer_frames: int = 50
+    avatar_cache: int = 16
+
+
+class StreamSettings(BaseModel):
+    segment_s: float = 0.5
+    video_crf: int = 23
+    audio_bitrate: int = 64000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MTS_", env_nested_delimiter="__", extra="ignore")
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get("MTS_CONFIG", DEFAULT_CONFIG))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def check(self) -> None:
+        """Fail early, with the key's name, on settings that cannot work together."""
+        missing = [t for t in TIER_NAMES if t not in self.queue.tiers]
+        if missing:
+            raise ValueError(f"queue.tiers lacks {', '.join(missing)}")
+        offsets = [self.queue.tiers[t].offset_s for t in TIER_NAMES]
+        if offsets != sorted(offsets):
+            raise ValueError("queue.tiers offset_s must not decrease from vip to normal to low")
+        if self.engine.slots < 1:
+            raise ValueError("engine.slots must be at least 1")

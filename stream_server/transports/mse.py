@@ -1,0 +1,176 @@
+"""MSE transport: frames from an engine stream, encoded off the loop, sent as fMP4 segments.
+
+The sequence on the socket is ``stream`` (mime, size, fps) once the first segment is cut, the init
+segment as one binary message, then media segments as they are cut. Encoding runs in a thread; the outbox bounds what
+waits for a slow client, and while it is full the engine stream's own buffer fills and its worker
+stops rendering for this session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.engine import FPS, Frame
+from inference.stream import EngineStream, StreamState
+from stream_server.clips import ClipWriter
+from stream_server.outbox import Outbox
+from stream_server.protocol import encode
+from stream_server.settings import StreamSettings
+from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
+
+
+@dataclass
+class StreamResult:
+    frames: int
+    state: StreamState
+    error: BaseException | None
+    clip_path: Path | None = None
+
+
+def clip_sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+class MseSender:
+    """Encodes one engine stream to fMP4 and sends it; optionally keeps the clip."""
+
+    def __init__(
+        self,
+        stream: EngineStream,
+        outbox: Outbox,
+        ready: asyncio.Event,
+        settings: StreamSettings,
+        *,
+        total_frames: Callable[[], int | None] = lambda: None,
+        open_clip: Callable[[], ClipWriter | None] = lambda: None,
+        on_frames: Callable[[int], None] = lambda n: None,
+        first_segment: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.stream = stream
+        self.outbox = outbox
+        self.ready = ready
+        self.settings = settings
+        self.total_frames = total_frames
+        self.open_clip = open_clip
+        self.clip: ClipWriter | None = None
+        self.on_frames = on_frames
+        self.first_segment = first_segment
+        self.frames = 0
+        self._init_sent = False
+        self._clip_started = False
+        self._clip_committed = False
+        self._progress_at = 0
+
+    async def run(self) -> StreamResult:
+        width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
+        muxer = await asyncio.to_thread(
+            FragmentedMp4Muxer,
+            width,
+            height,
+            FPS,
+            segment_seconds=self.settings.segment_s,
+            crf=self.settings.video_crf,
+            audio_bitrate=self.settings.audio_bitrate,
+            threads=1,
+        )
+        try:
+            while True:
+                self.ready.clear()
+                frames = self.stream.take_frames()
+                if frames:
+                    await self._send(muxer, await asyncio.to_thread(self._encode, muxer, frames))
+                    self.frames += len(frames)
+                    self.on_frames(len(frames))
+                    self._progress()
+                elif self.stream.closed:
+                    break
+                else:
+                    await self.ready.wait()
+            if self.stream.state is StreamState.FINISHED:
+                await self._send(muxer, await asyncio.to_thread(self._close, muxer))
+                self._progress(final=True)
+                clip_path = None
+                if self.clip is not None:
+                    meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height,
+                            "fps": FPS, "frames": self.frames}
+                    clip_path = await asyncio.to_thread(self._commit_clip, meta)
+                return StreamResult(self.frames, self.stream.state, None, clip_path)
+            return StreamResult(self.frames, self.stream.state, self.stream.error)
+        finally:
+            if self.clip is not None and not self._clip_committed:
+                await asyncio.to_thread(self.clip.discard)
+            await asyncio.to_thread(muxer.close)
+
+    def _encode(self, muxer: FragmentedMp4Muxer, frames: list[Frame]) -> list[bytes]:
+        return self._keep(muxer, muxer.encode(frames))
+
+    def _close(self, muxer: FragmentedMp4Muxer) -> list[bytes]:
+        return self._keep(muxer, muxer.close())
+
+    def _keep(self, muxer: FragmentedMp4Muxer, segments: list[bytes]) -> list[bytes]:
+        """Append segments to the stored clip (opened with the first segment)."""
+        if segments and not self._clip_started:
+            self._clip_started = True
+            self.clip = self.open_clip()
+            if self.clip is not None:
+                assert muxer.init_segment is not None
+                self.clip.write(muxer.init_segment)
+        if self.clip is not None:
+            for seg in segments:
+                self.clip.write(seg)
+        return segments
+
+    def _commit_clip(self, meta: dict[str, object]) -> Path:
+        assert self.clip is not None
+        clip_sidecar(self.clip.store.path(self.clip.key)).write_text(json.dumps(meta))
+        path = self.clip.commit()
+        self._clip_committed = True
+        return path
+
+    async def _send(self, muxer: FragmentedMp4Muxer, segments: list[bytes]) -> None:
+        if not segments:
+            return
+        if not self._init_sent:
+            assert muxer.init_segment is not None
+            self.outbox.send(
+                encode("stream", transport="mse", mime=muxer.mime, width=muxer.width, height=muxer.height, fps=FPS)
+            )
+            await self.outbox.send_media(muxer.init_segment)
+            self._init_sent = True
+            self.first_segment()
+        for seg in segments:
+            await self.outbox.send_media(seg)
+
+    def _progress(self, final: bool = False) -> None:
+        if final or self.frames - self._progress_at >= FPS // 2:
+            self._progress_at = self.frames
+            total = self.total_frames()
+            fields: dict[str, int] = {"frames": self.frames}
+            if total is not None:
+                fields["total"] = total
+            self.outbox.send(encode("progress", **fields))
+
+
+async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -> int:
+    """Answer a repeated clip from the cache: ``stream``, the file as init + segment messages."""
+    meta = json.loads(await asyncio.to_thread(clip_sidecar(path).read_text))
+    data = await asyncio.to_thread(path.read_bytes)
+    outbox.send(encode("stream", transport="mse", mime=meta["mime"], width=meta["width"],
+                       height=meta["height"], fps=meta["fps"]))
+    boxes, _ = split_boxes(data)
+    chunk = bytearray()
+    for kind, box in boxes:
+        if kind in (b"moof", b"moov") and chunk:
+            await outbox.send_media(bytes(chunk))
+            chunk = bytearray()
+        chunk += box
+        if len(chunk) > max_message_bytes // 2 and kind == b"mdat":
+            await outbox.send_media(bytes(chunk))
+            chunk = bytearray()
+    if chunk:
+        await outbox.send_media(bytes(chunk))
+    return int(meta["frames"])
