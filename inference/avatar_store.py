@@ -14,10 +14,11 @@ place, so a failed preparation leaves nothing and a replaced avatar stays as it 
 one is complete. Dot-folders are never listed; stale ones are cleaned at start.
 
 Renderers with ``prepare_avatar_dir(directory, avatar_id, name, source, **hints)`` and
-``load_avatar_dir(directory, *, allow_stale=False)`` (the lite renderer) are handed their engine
-folder. Others get ``prepare_avatar(avatar_id, name, source)``/``load_avatar(avatar_id)`` and must
-keep their files in ``<their avatar_root>/<avatar_id>/<name>/`` with ``avatar_root`` this store's
-root (the MuseTalk renderer does), written atomically.
+``load_avatar_dir(directory, *, allow_stale=False)`` (the lite and MuseTalk renderers) are handed
+their engine folder, so the store alone decides the layout. Others get
+``prepare_avatar(avatar_id, name, source)``/``load_avatar(avatar_id)`` and must keep their files in
+``<their avatar_root>/<avatar_id>/<name>/`` with ``avatar_root`` this store's root, written
+atomically.
 
 Every method is thread-safe. ``prepare`` and a first ``get`` do slow work (decoding, face
 detection, reading frames, maybe preparing): call them from a worker thread, not an event loop.
@@ -25,7 +26,6 @@ detection, reading frames, maybe preparing): call them from a worker thread, not
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -48,11 +48,6 @@ SOURCE_STEM = "source"
 DEFAULT_AVATAR_ID = "astronaut"
 DEFAULT_AVATAR_NAME = "Astronaut"
 DEFAULT_AVATAR_SOURCE = Path(__file__).resolve().parent / "assets" / "astronaut.png"
-# Face boxes (x, y, w, h in the file's pixels) of shipped pictures, by SHA-256 of the file: the
-# default avatar is then prepared the same way whether or not this OpenCV has face detection.
-KNOWN_FACES: dict[str, tuple[float, float, float, float]] = {
-    "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5": (174.0, 66.0, 98.0, 98.0),
-}
 
 
 class InvalidAvatarId(ValueError):
@@ -67,14 +62,6 @@ def validate_avatar_id(avatar_id: object) -> str:
     if not isinstance(avatar_id, str) or not AVATAR_ID_RE.fullmatch(avatar_id):
         raise InvalidAvatarId(f"invalid avatar id {avatar_id!r}: use 1-64 of a-z, 0-9, '_' and '-'")
     return avatar_id
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class AvatarStore:
@@ -208,9 +195,8 @@ class AvatarStore:
         avatar = self.get(DEFAULT_AVATAR_ID)
         if avatar is not None:
             return _replace_ready(avatar.info, True)
-        face = KNOWN_FACES.get(_sha256(DEFAULT_AVATAR_SOURCE))
         try:
-            return self.prepare(DEFAULT_AVATAR_ID, DEFAULT_AVATAR_NAME, DEFAULT_AVATAR_SOURCE, face_box=face)
+            return self.prepare(DEFAULT_AVATAR_ID, DEFAULT_AVATAR_NAME, DEFAULT_AVATAR_SOURCE)
         except AvatarBusy:  # someone else is preparing it right now
             return AvatarInfo(DEFAULT_AVATAR_ID, DEFAULT_AVATAR_NAME, 0, 0, 0, False)
 

@@ -32,7 +32,8 @@ OUTPUT_SAMPLES_PER_FRAME = OUTPUT_SAMPLE_RATE // FPS
 
 @dataclass(frozen=True)
 class AvatarInfo:
-    """What ``GET /v1/avatars`` lists."""
+    """What ``GET /v1/avatars`` lists. ``frames`` is the number of source frames (1 for a still
+    image), not the length of the loop (``PreparedAvatar.cycle_length``)."""
 
     id: str
     name: str
@@ -49,12 +50,16 @@ class PreparedAvatar(ABC):
 
     @property
     def cycle_length(self) -> int:
-        """Number of frames in the avatar's loop (forward then backward for video avatars)."""
-        return self.info.frames
+        """Number of positions in the avatar's loop. The loop plays the ``N = info.frames`` source
+        frames forward then backward without repeating the first and last (0, 1, ..., N-1, N-2,
+        ..., 1), so it is ``2N - 2`` long, and 1 for a still image."""
+        return max(1, 2 * self.info.frames - 2)
 
     @abstractmethod
     def idle_frame(self, cycle_index: int) -> np.ndarray:
-        """The full RGB frame ``cycle_index`` of the loop, with the mouth at rest (HxWx3 uint8)."""
+        """The full RGB frame at loop position ``cycle_index`` with the mouth at rest (HxWx3
+        uint8). It may be a shared, read-only array (the avatar's own frame): copy it before
+        drawing on it."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,8 @@ class Renderer(ABC):
 
     @abstractmethod
     def render(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
-        """Render full RGB frames (HxWx3 uint8), one per request, in order."""
+        """Render full RGB frames (HxWx3 uint8), one per request, in order. A frame that shows the
+        avatar unchanged may be its shared, read-only idle frame."""
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The node's engine: the renderer chosen by configuration, its frame workers and its avatars."""
+"""The node's engine: the renderer chosen by configuration, its frame workers and its avatars.
+
+Avatars live under ``<data_dir>/avatars``, one folder per avatar (``<id>/``) with the source, the
+store's ``store.json`` and one subfolder per engine (``lite/``, ``musetalk/``): the
+``AvatarStore`` owns that layout, and the renderers are given the same root.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ class EngineConfig:
     data_dir: Path = Path("var")
 
 
+def avatar_root(config: EngineConfig) -> Path:
+    """The one folder of avatars, shared by the store and every engine."""
+    return config.data_dir / "avatars"
+
+
 def build_renderer(config: EngineConfig) -> Renderer:
     """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else ``lite``."""
     kind = config.kind
@@ -44,14 +54,14 @@ def build_renderer(config: EngineConfig) -> Renderer:
 
         return MuseTalkRenderer.from_folder(
             config.models_dir,
-            config.data_dir / "avatars",
+            avatar_root(config),
             device=config.device,
             dtype=config.dtype,
             max_batch=config.max_batch,
         )
     from inference.lite import LiteRenderer
 
-    return LiteRenderer(max_batch=config.max_batch)
+    return LiteRenderer(avatar_root(config), max_batch=config.max_batch)
 
 
 class EnginePool:
@@ -65,9 +75,7 @@ class EnginePool:
             FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
             for i, r in enumerate(renderers)
         ]
-        self.avatars = AvatarStore(
-            config.data_dir / "avatars" / self.name, renderers[0], cache_size=config.avatar_cache
-        )
+        self.avatars = AvatarStore(avatar_root(config), renderers[0], cache_size=config.avatar_cache)
 
     def start(self) -> None:
         for worker in self.workers:

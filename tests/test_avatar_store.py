@@ -233,7 +233,7 @@ def test_ensure_default_prepares_once(store: AvatarStore, renderer: FixedFaceRen
 
 
 def test_ensure_default_with_the_plain_lite_renderer(tmp_path: Path) -> None:
-    """The shipped picture's face box is known, so this works without any face detector."""
+    """The shipped picture is prepared like any other: its face is found by the Haar detector."""
     s = AvatarStore(tmp_path, LiteRenderer())
     info = s.ensure_default()
     assert info.ready and (info.width, info.height) == (512, 512)
@@ -241,6 +241,20 @@ def test_ensure_default_with_the_plain_lite_renderer(tmp_path: Path) -> None:
     assert avatar is not None
     cx, cy, _ = avatar.mouth[0]  # type: ignore[attr-defined]
     assert abs(cx - 223) < 6 and abs(cy - 146) < 6
+    assert json.loads((tmp_path / DEFAULT_AVATAR_ID / STORE_FILE).read_text())["face_box"] is None
+
+
+def test_engine_pool_gives_the_store_and_the_renderer_one_root(tmp_path: Path) -> None:
+    from inference.pool import EngineConfig, EnginePool
+
+    pool = EnginePool(EngineConfig(kind="lite", data_dir=tmp_path))
+    renderer = pool.workers[0].renderer
+    assert isinstance(renderer, LiteRenderer)
+    assert pool.avatars.root == renderer.avatar_root == tmp_path / "avatars"
+    pool.avatars.prepare("olga", "Olga", ASSET, face_box=ASTRONAUT_FACE)
+    assert sorted(p.name for p in (tmp_path / "avatars" / "olga").iterdir()) == ["lite", "source.png", STORE_FILE]
+    by_id = renderer.load_avatar("olga")  # the renderer's own layout is the store's
+    assert by_id is not None and np.array_equal(by_id.idle_frame(0), pool.avatars.get("olga").idle_frame(0))  # type: ignore[union-attr]
 
 
 def test_delete(store: AvatarStore) -> None:

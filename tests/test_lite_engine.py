@@ -17,6 +17,8 @@ from inference.engine import (
     OUTPUT_SAMPLES_PER_FRAME,
     FrameRequest,
 )
+from inference import face
+from inference.face import FaceDetector
 from inference.lite import (
     FaceDetectorUnavailable,
     LiteAvatar,
@@ -27,7 +29,6 @@ from inference.lite import (
     PrepareParams,
 )
 from inference.lite.avatar import META_FILE
-from inference.lite.cascade import FaceDetector
 from inference.lite.prepare import fill_boxes
 from inference.stream import StreamMode, StreamState
 from inference.worker import FrameWorker
@@ -383,17 +384,8 @@ def test_source_without_a_face_or_unreadable_is_refused(tmp_path: Path) -> None:
         r.prepare_avatar_dir(tmp_path / "y", "y", "Y", junk)
 
 
-def haar_detector() -> FaceDetector:
-    try:
-        return FaceDetector()
-    except FaceDetectorUnavailable as exc:
-        pytest.skip(f"no Haar cascade files on this machine: {exc}")
-
-
 def test_haar_cascade_finds_the_astronaut(tmp_path: Path) -> None:
-    detector = haar_detector()
-    r = LiteRenderer(face_detector=detector)
-    avatar = r.prepare_avatar_dir(tmp_path / "a", "a", "A", ASSET)
+    avatar = LiteRenderer().prepare_avatar_dir(tmp_path / "a", "a", "A", ASSET)  # default detector
     x, y, w, _h = avatar.face[0]
     assert abs(x - 174) < 15 and abs(y - 66) < 15 and 80 < w < 120
     cx, cy, _ = avatar.mouth[0]
@@ -401,7 +393,7 @@ def test_haar_cascade_finds_the_astronaut(tmp_path: Path) -> None:
 
 
 def test_haar_cascade_tracks_a_video_with_a_faceless_frame(tmp_path: Path) -> None:
-    detector = haar_detector()
+    detector = FaceDetector()
     source = write_video(tmp_path / "clip.avi", shifted_astronauts(4, 256, blank=2))
     avatar = LiteRenderer(face_detector=detector).prepare_avatar_dir(tmp_path / "v", "v", "V", source)
     assert avatar.info.frames == 4
@@ -459,15 +451,52 @@ def test_mouth_at_the_edge_of_the_picture(tmp_path: Path, crop: tuple[slice, sli
         assert not np.array_equal(out, avatar.frames[0])
 
 
-def test_missing_cascade_files_fail_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from inference.avatar_store import AvatarStore
-    from inference.lite import cascade
+def test_the_detector_picks_the_confident_largest_or_the_nearest_face() -> None:
+    gray = cv2.equalizeHist(cv2.cvtColor(cv2.imread(str(ASSET)), cv2.COLOR_BGR2GRAY))
+    small = cv2.resize(gray, (320, 320), interpolation=cv2.INTER_AREA)
+    detector = FaceDetector()
+    rows = detector.detect_all(small, 26)
+    assert len(rows) >= 1 and rows.shape[1] == 5
+    x, y, w, _h = detector.detect(small)  # type: ignore[misc]
+    s = 320 / 512
+    assert abs(x - 174 * s) < 10 and abs(y - 66 * s) < 10 and abs(w - 98 * s) < 12
+    # a weak hit is dropped even when it is larger; among confident ones the largest or nearest wins
+    rows = np.array([[10, 10, 40, 40, 30], [100, 100, 80, 80, 4], [200, 10, 50, 50, 20]])
+    assert face.pick(rows, None).tolist() == [200, 10, 50, 50, 20]
+    assert face.pick(rows, (25.0, 25.0)).tolist() == [10, 10, 40, 40, 30]
+    # with a hint the search stays near it, and falls back to the whole picture
+    near = detector.detect(gray, near=(170.0, 70.0, 100.0, 100.0))
+    assert near is not None and abs(near[0] - 174) < 12 and abs(near[1] - 66) < 12
+    far = detector.detect(gray, near=(400.0, 400.0, 60.0, 60.0))
+    assert far is not None and abs(far[0] - 174) < 12
 
-    monkeypatch.setattr(cascade, "cascade_dirs", lambda: [tmp_path / "nothing-here"])
-    with pytest.raises(FaceDetectorUnavailable, match="opencv-data"):
-        cascade.FaceDetector()
-    with pytest.raises(FaceDetectorUnavailable):
+
+def test_the_alt2_cascade_is_the_fallback() -> None:
+    gray = cv2.equalizeHist(cv2.cvtColor(cv2.imread(str(ASSET)), cv2.COLOR_BGR2GRAY))
+    detector = FaceDetector()
+    assert len(detector._classifiers) == 2
+    _default, alt2 = detector._classifiers
+
+    class Blind:
+        def detectMultiScale2(self, *args: object, **kwargs: object) -> tuple[tuple, tuple]:
+            return (), ()
+
+    detector._classifiers = [Blind(), alt2]  # type: ignore[list-item]
+    box = detector.detect(gray)
+    assert box is not None and abs(box[0] - 174) < 12 and abs(box[2] - 98) < 15
+
+
+def test_opencv_without_face_detection_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    face.default_detector.cache_clear()
+    monkeypatch.delattr(cv2, "CascadeClassifier")
+    with pytest.raises(FaceDetectorUnavailable, match=r"opencv-python-headless<5"):
+        FaceDetector()
+    with pytest.raises(FaceDetectorUnavailable, match=r"CascadeClassifier"):
         LiteRenderer().prepare_avatar_dir(tmp_path / "a", "a", "A", ASSET)
-    # the shipped default avatar does not need a detector
-    info = AvatarStore(tmp_path / "store", LiteRenderer()).ensure_default()
-    assert info.ready
+    monkeypatch.undo()
+    monkeypatch.setattr(cv2.data, "haarcascades", str(tmp_path / "nothing-here"))
+    with pytest.raises(FaceDetectorUnavailable, match=r"haarcascade_frontalface_default.*opencv-python-headless<5"):
+        FaceDetector()
+    # a known face box still works without a detector
+    assert LiteRenderer().prepare_avatar_dir(tmp_path / "b", "b", "B", ASSET, face_box=ASTRONAUT_FACE)
+    face.default_detector.cache_clear()

@@ -258,8 +258,9 @@ def prepare_frames(
     face_box: tuple[float, float, float, float] | None = None,
     detector: FaceFinder | None = None,
 ) -> Prepared:
-    """Run the preparation. ``face_box`` (x, y, w, h in the source's pixels) skips face detection;
-    it is meant for stills whose face is known, such as the shipped default avatar."""
+    """Run the preparation. ``face_box`` (x, y, w, h in the source's pixels) skips face detection
+    (the same box on every frame: meant for stills whose face is known); ``detector`` defaults to
+    ``inference.face``'s shared Haar detector."""
     frames, kind, fps, scale = read_source(source, params)
     n = len(frames)
     h, w = frames[0].shape[:2]

@@ -49,7 +49,7 @@ class LiteRenderer(Renderer):
     ``avatar_root`` is where ``prepare_avatar``/``load_avatar`` keep avatars by id, in
     ``<avatar_root>/<id>/lite``; ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the
     caller chooses (what ``inference.avatar_store.AvatarStore`` uses). ``face_detector`` is anything with
-    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: OpenCV's Haar cascades).
+    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: ``inference.face``'s Haar detector).
     """
 
     name = "lite"
@@ -64,7 +64,7 @@ class LiteRenderer(Renderer):
         face_detector: FaceFinder | None = None,
     ) -> None:
         self.avatar_root = Path(avatar_root) if avatar_root is not None else None
-        self.face_detector = face_detector  # None: OpenCV's Haar cascades, loaded when needed
+        self.face_detector = face_detector  # None: the shared Haar detector, loaded when needed
         self.max_batch = max_batch
         self.params = params or PrepareParams()
         self.featurizer_config = featurizer or FeaturizerConfig()

@@ -15,7 +15,7 @@ from inference.engine import FrameRequest, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
 from inference.musetalk.avatar import MuseTalkAvatar, load_avatar, save_avatar
 from inference.musetalk.blend import paste_face
-from inference.musetalk.face import EXTRA_MARGIN, FaceDetector, HaarFaceDetector
+from inference.musetalk.face import EXTRA_MARGIN, Box, FaceDetector, HaarFaceDetector, box_from_detection
 from inference.musetalk.featurizer import WhisperFeaturizer
 from inference.musetalk.masks import FaceParser
 from inference.musetalk.models import MuseTalkModels, load_models
@@ -31,7 +31,12 @@ class MuseTalkRenderer(Renderer):
 
     ``render`` stacks the latents and audio windows of every request, whatever its session or
     avatar, runs the UNet once (t = 0, one step) and the decoder once, then blends each face into
-    its own avatar frame. Avatars are stored below ``avatar_root/<id>/musetalk``.
+    its own avatar frame.
+
+    ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the caller chooses (what
+    ``inference.avatar_store.AvatarStore`` uses: ``<store root>/<id>/musetalk``);
+    ``prepare_avatar``/``load_avatar`` keep avatars by id in ``<avatar_root>/<id>/musetalk``, the
+    same layout, so with ``avatar_root`` the store's root both find the same files.
     """
 
     name = "musetalk"
@@ -101,7 +106,7 @@ class MuseTalkRenderer(Renderer):
     def _folder(self, avatar_id: str) -> Path:
         if not _SAFE_ID.match(avatar_id) or avatar_id in {".", ".."}:
             raise ValueError(f"invalid avatar id {avatar_id!r}")
-        return self.avatar_root / avatar_id / "musetalk"
+        return self.avatar_root / avatar_id / self.name
 
     @property
     def detector(self) -> FaceDetector:
@@ -109,19 +114,39 @@ class MuseTalkRenderer(Renderer):
             self._detector = HaarFaceDetector()
         return self._detector
 
-    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> MuseTalkAvatar:
-        folder = self._folder(avatar_id)
+    def prepare_avatar_dir(
+        self,
+        directory: Path,
+        avatar_id: str,
+        name: str,
+        source: Path | str,
+        *,
+        face_box: tuple[float, float, float, float] | None = None,
+    ) -> MuseTalkAvatar:
+        """Prepare ``source`` and write the avatar into ``directory`` (replaced whole).
+        ``face_box`` (x, y, w, h in the source's pixels) skips face detection."""
+        detector = self.detector
+        if face_box is not None:
+            detector = _fixed_face(face_box)
         parser = None
         if self.models.face_parser is not None:
             parser = FaceParser(self.models.face_parser, self.models.device)
-        data = prepare(self.models, read_frames(source), self.detector, parser=parser, seed=self.seed)
+        data = prepare(self.models, read_frames(source), detector, parser=parser, seed=self.seed)
         avatar = MuseTalkAvatar(avatar_id, name, data, self.preparation_version)
-        save_avatar(folder, avatar)
+        save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
 
-    def load_avatar(self, avatar_id: str) -> MuseTalkAvatar | None:
-        avatar = load_avatar(self._folder(avatar_id), self.preparation_version)
+    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> MuseTalkAvatar | None:
+        """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
+        code or models, unless ``allow_stale``)."""
+        avatar = load_avatar(Path(directory), None if allow_stale else self.preparation_version)
         return avatar.to(self.models.device, self.models.dtype) if avatar is not None else None
+
+    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> MuseTalkAvatar:
+        return self.prepare_avatar_dir(self._folder(avatar_id), avatar_id, name, source)
+
+    def load_avatar(self, avatar_id: str) -> MuseTalkAvatar | None:
+        return self.load_avatar_dir(self._folder(avatar_id))
 
     # ----- audio -----
 
@@ -171,6 +196,15 @@ class MuseTalkRenderer(Renderer):
                 assert box is not None and alpha is not None
                 images[i] = paste_face(avatar.data.frames[s], face, box, alpha)
         return images
+
+
+def _fixed_face(face_box: tuple[float, float, float, float]) -> FaceDetector:
+    x, y, w, h = (round(v) for v in face_box)
+
+    def detector(rgb: np.ndarray) -> Box | None:
+        return box_from_detection(x, y, w, h, rgb.shape[0])
+
+    return detector
 
 
 def _musetalk_avatar(avatar: object) -> MuseTalkAvatar:
