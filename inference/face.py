@@ -112,7 +112,12 @@ class FaceDetector:
                 rows = self.detect_all(gray[y0:y1, x0:x1], int(bw * 0.75), int(bw * 1.35) + 1)
                 if len(rows):
                     best = pick(rows, (x + bw / 2 - x0, y + bh / 2 - y0))
-                    return (float(best[0] + x0), float(best[1] + y0), float(best[2]), float(best[3]))
+                    return (
+                        float(best[0] + x0),
+                        float(best[1] + y0),
+                        float(best[2]),
+                        float(best[3]),
+                    )
         rows = self.detect_all(gray, max(24, int(min(h, w) * self.min_face)))
         if not len(rows):
             return None

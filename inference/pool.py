@@ -37,7 +37,8 @@ def avatar_root(config: EngineConfig) -> Path:
 
 
 def build_renderer(config: EngineConfig) -> Renderer:
-    """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else ``lite``."""
+    """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else
+    ``lite``."""
     kind = config.kind
     if kind == "auto":
         kind = "lite"
@@ -48,7 +49,9 @@ def build_renderer(config: EngineConfig) -> Renderer:
             if not problems:
                 kind = "musetalk"
             else:
-                log.info("models folder incomplete, serving the lite engine: %s", "; ".join(problems))
+                log.info(
+                    "models folder incomplete, serving the lite engine: %s", "; ".join(problems)
+                )
     if kind == "musetalk":
         from inference.musetalk import MuseTalkRenderer
 
@@ -75,7 +78,8 @@ class EnginePool:
             FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
             for i, r in enumerate(renderers)
         ]
-        self.avatars = AvatarStore(avatar_root(config), renderers[0], cache_size=config.avatar_cache)
+        root = avatar_root(config)
+        self.avatars = AvatarStore(root, renderers[0], cache_size=config.avatar_cache)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -85,7 +89,9 @@ class EnginePool:
         for worker in self.workers:
             worker.stop()
 
-    def open_stream(self, avatar: PreparedAvatar, mode: StreamMode, **options: object) -> EngineStream:
+    def open_stream(
+        self, avatar: PreparedAvatar, mode: StreamMode, **options: object
+    ) -> EngineStream:
         worker = min(self.workers, key=lambda w: w.active_streams)
         return worker.open_stream(avatar, mode, **options)  # type: ignore[arg-type]
 

@@ -252,9 +252,12 @@ def test_engine_pool_gives_the_store_and_the_renderer_one_root(tmp_path: Path) -
     assert isinstance(renderer, LiteRenderer)
     assert pool.avatars.root == renderer.avatar_root == tmp_path / "avatars"
     pool.avatars.prepare("olga", "Olga", ASSET, face_box=ASTRONAUT_FACE)
-    assert sorted(p.name for p in (tmp_path / "avatars" / "olga").iterdir()) == ["lite", "source.png", STORE_FILE]
+    folder = tmp_path / "avatars" / "olga"
+    assert sorted(p.name for p in folder.iterdir()) == ["lite", "source.png", STORE_FILE]
     by_id = renderer.load_avatar("olga")  # the renderer's own layout is the store's
-    assert by_id is not None and np.array_equal(by_id.idle_frame(0), pool.avatars.get("olga").idle_frame(0))  # type: ignore[union-attr]
+    stored = pool.avatars.get("olga")
+    assert by_id is not None and stored is not None
+    assert np.array_equal(by_id.idle_frame(0), stored.idle_frame(0))
 
 
 def test_delete(store: AvatarStore) -> None:

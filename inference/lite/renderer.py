@@ -49,7 +49,7 @@ class LiteRenderer(Renderer):
     ``avatar_root`` is where ``prepare_avatar``/``load_avatar`` keep avatars by id, in
     ``<avatar_root>/<id>/lite``; ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the
     caller chooses (what ``inference.avatar_store.AvatarStore`` uses). ``face_detector`` is anything with
-    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: ``inference.face``'s Haar detector).
+    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: the ``inference.face`` detector).
     """
 
     name = "lite"

@@ -130,10 +130,15 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
         boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]  # type: ignore[misc]
         with np.load(folder / "masks.npz", allow_pickle=False) as stored:
             alphas = [
-                stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None for i in range(n)
+                stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None
+                for i in range(n)
             ]
         data = AvatarData(
-            frames=np.stack(frames), latents=latents, boxes=boxes, alphas=alphas, mask_kind=meta["mask_kind"]
+            frames=np.stack(frames),
+            latents=latents,
+            boxes=boxes,
+            alphas=alphas,
+            mask_kind=meta["mask_kind"],
         )
         if latents.shape[0] != n or len(boxes) != n:
             raise ValueError("latents or boxes do not match the frames")

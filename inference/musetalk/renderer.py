@@ -15,7 +15,13 @@ from inference.engine import FrameRequest, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
 from inference.musetalk.avatar import MuseTalkAvatar, load_avatar, save_avatar
 from inference.musetalk.blend import paste_face
-from inference.musetalk.face import EXTRA_MARGIN, Box, FaceDetector, HaarFaceDetector, box_from_detection
+from inference.musetalk.face import (
+    EXTRA_MARGIN,
+    Box,
+    FaceDetector,
+    HaarFaceDetector,
+    box_from_detection,
+)
 from inference.musetalk.featurizer import WhisperFeaturizer
 from inference.musetalk.masks import FaceParser
 from inference.musetalk.models import MuseTalkModels, load_models
@@ -136,7 +142,9 @@ class MuseTalkRenderer(Renderer):
         save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
 
-    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> MuseTalkAvatar | None:
+    def load_avatar_dir(
+        self, directory: Path, *, allow_stale: bool = False
+    ) -> MuseTalkAvatar | None:
         """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
         code or models, unless ``allow_stale``)."""
         avatar = load_avatar(Path(directory), None if allow_stale else self.preparation_version)

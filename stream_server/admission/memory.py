@@ -60,18 +60,23 @@ class MemoryAdmissionQueue(AdmissionQueue):
         self._expire(now)
         if ticket_id in self._by_id or ticket_id in self._busy:
             raise ValueError(f"ticket {ticket_id} is already active")
+        # A fresh join by the same identity supersedes its detached tickets, but only once it is
+        # admitted: a rejected join must not cost the client the place it could still resume.
         superseded = [tid for tid, (t, _) in self._detached.items() if t.identity == identity]
-        for tid in superseded:
-            del self._detached[tid]
+        # Detached tickets keep their place for the resume grace, so they count against the caps:
+        # otherwise resuming them could take the line over the global or the tier cap.
+        held = [t for tid, (t, _) in self._detached.items() if tid not in superseded]
         self.policy.check(
             tier,
             Admission(
-                waiting_total=len(self._waiting),
-                waiting_in_tier=self._tier_count(tier),
+                waiting_total=len(self._waiting) + len(held),
+                waiting_in_tier=self._tier_count(tier) + sum(1 for t in held if t.tier == tier),
                 identity_active=self._identity.get(identity, 0),
                 eta_s=self._eta_for_new(tier, now),
             ),
         )
+        for tid in superseded:
+            del self._detached[tid]
         ticket = Ticket(
             id=ticket_id,
             identity=identity,
@@ -96,6 +101,10 @@ class MemoryAdmissionQueue(AdmissionQueue):
         return ticket
 
     async def detach(self, ticket_id: str, now: float) -> Ticket | None:
+        if ticket_id not in self._by_id:
+            # Not waiting (busy, unknown, or detached already): a repeated detach must not cancel
+            # the detached ticket the way ``leave`` does.
+            return None
         ticket = await self.leave(ticket_id)
         if ticket is not None:
             self._detached[ticket_id] = (ticket, now + self.settings.resume_grace_s)

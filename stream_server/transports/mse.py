@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from inference.engine import FPS, Frame
 from inference.stream import EngineStream, StreamState
@@ -21,6 +24,8 @@ from stream_server.outbox import Outbox
 from stream_server.protocol import encode
 from stream_server.settings import StreamSettings
 from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class MseSender:
         self.on_frames = on_frames
         self.first_segment = first_segment
         self.frames = 0
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mse-encoder")
         self._init_sent = False
         self._clip_started = False
         self._clip_committed = False
@@ -67,22 +73,24 @@ class MseSender:
 
     async def run(self) -> StreamResult:
         width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
-        muxer = await asyncio.to_thread(
-            FragmentedMp4Muxer,
-            width,
-            height,
-            FPS,
-            segment_seconds=self.settings.segment_s,
-            crf=self.settings.video_crf,
-            audio_bitrate=self.settings.audio_bitrate,
-            threads=1,
+        muxer = await self._in_encoder(
+            partial(
+                FragmentedMp4Muxer,
+                width,
+                height,
+                FPS,
+                segment_seconds=self.settings.segment_s,
+                crf=self.settings.video_crf,
+                audio_bitrate=self.settings.audio_bitrate,
+                threads=1,
+            )
         )
         try:
             while True:
                 self.ready.clear()
                 frames = self.stream.take_frames()
                 if frames:
-                    await self._send(muxer, await asyncio.to_thread(self._encode, muxer, frames))
+                    await self._send(muxer, await self._in_encoder(self._encode, muxer, frames))
                     self.frames += len(frames)
                     self.on_frames(len(frames))
                     self._progress()
@@ -91,19 +99,27 @@ class MseSender:
                 else:
                     await self.ready.wait()
             if self.stream.state is StreamState.FINISHED:
-                await self._send(muxer, await asyncio.to_thread(self._close, muxer))
+                await self._send(muxer, await self._in_encoder(self._close, muxer))
                 self._progress(final=True)
                 clip_path = None
                 if self.clip is not None:
                     meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height,
                             "fps": FPS, "frames": self.frames}
-                    clip_path = await asyncio.to_thread(self._commit_clip, meta)
+                    clip_path = await self._in_encoder(self._commit_clip, meta)
                 return StreamResult(self.frames, self.stream.state, None, clip_path)
             return StreamResult(self.frames, self.stream.state, self.stream.error)
         finally:
-            if self.clip is not None and not self._clip_committed:
-                await asyncio.to_thread(self.clip.discard)
-            await asyncio.to_thread(muxer.close)
+            # Queued behind any encode still running, so the muxer is never used by two threads.
+            self._encoder.submit(self._abandon, muxer)
+            self._encoder.shutdown(wait=False)
+
+    async def _in_encoder(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, *args)
+
+    def _abandon(self, muxer: FragmentedMp4Muxer) -> None:
+        muxer.close()
+        if self.clip is not None and not self._clip_committed:
+            self.clip.discard()
 
     def _encode(self, muxer: FragmentedMp4Muxer, frames: list[Frame]) -> list[bytes]:
         return self._keep(muxer, muxer.encode(frames))

@@ -36,8 +36,10 @@ def test_masked_latent_is_the_crop_with_its_lower_half_black(renderer: MuseTalkR
 def test_video_avatar_loops_forward_then_backward(renderer: MuseTalkRenderer, tmp_path: Path) -> None:
     frames = [np.roll(face_image(2), 3 * i, axis=1) for i in range(4)]
     avatar = renderer.prepare_avatar("vid", "Vid", str(write_video(tmp_path / "v.mp4", frames)))
-    assert avatar.source_frames == 4 and avatar.cycle_length == avatar.info.frames == 8
-    assert [avatar.source_index(i) for i in range(10)] == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
+    assert avatar.source_frames == avatar.info.frames == 4 and avatar.cycle_length == 6
+    assert [avatar.source_index(i) for i in range(10)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    assert np.array_equal(avatar.idle_frame(4), avatar.data.frames[2])
+    assert not avatar.idle_frame(0).flags.writeable
 
 
 def test_round_trip_through_disk_in_safe_formats(renderer: MuseTalkRenderer, tmp_path: Path) -> None:
@@ -109,3 +111,29 @@ def test_geometric_masks_without_parsing_weights(models, tmp_path: Path) -> None
     assert avatar.data.mask_kind == "geometric"
     alpha = avatar.alphas[0][..., 0]
     assert alpha.shape == (120, 100) and alpha[:30].max() == 0 and alpha[100:110, 45:55].min() > 0.5
+
+
+def test_the_avatar_store_owns_the_folder(renderer: MuseTalkRenderer, tmp_path: Path) -> None:
+    """Through the store (the server's way): ``<root>/<id>/musetalk`` beside the source; a damaged
+    avatar is prepared again from the stored source; the id-based methods find the same files."""
+    from inference.avatar_store import STORE_FILE, AvatarStore
+
+    store = AvatarStore(renderer.avatar_root, renderer)
+    source = write_video(tmp_path / "v.mp4", [face_image(13), face_image(14)])
+    info = store.prepare("st", "Stored", source)
+    assert info.ready and info.frames == 2
+    folder = renderer.avatar_root / "st"
+    assert sorted(p.name for p in folder.iterdir()) == ["musetalk", "source.mp4", STORE_FILE]
+    assert renderer.load_avatar("st") is not None
+    fresh = AvatarStore(renderer.avatar_root, renderer)
+    assert fresh.get("st") is not None
+    (folder / "musetalk" / "frames" / "00001.png").unlink()
+    assert renderer.load_avatar("st") is None
+    again = AvatarStore(renderer.avatar_root, renderer).get("st")
+    assert isinstance(again, MuseTalkAvatar) and again.cycle_length == 2
+    assert (folder / "musetalk" / "frames" / "00001.png").is_file()
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []
+    # a face box hint skips detection
+    hint = (40.0, 30.0, 100.0, 100.0)
+    hinted = renderer.prepare_avatar_dir(tmp_path / "hint", "h", "H", source, face_box=hint)
+    assert hinted.data.boxes[0] == (40, 31, 140, 145)

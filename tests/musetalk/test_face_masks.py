@@ -9,8 +9,8 @@ import pytest
 from inference.musetalk.face import (
     HaarFaceDetector,
     box_from_detection,
+    detect_boxes,
     fill_gaps,
-    find_cascade,
 )
 from inference.musetalk.masks import (
     _jaw_kernel,
@@ -21,6 +21,7 @@ from inference.musetalk.masks import (
 )
 
 ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
+ASTRONAUT = Path(__file__).resolve().parents[2] / "inference" / "assets" / "astronaut.png"
 
 
 def test_box_rule_from_a_detector_box() -> None:
@@ -77,10 +78,6 @@ def test_jaw_kernel_shape() -> None:
 
 @pytest.mark.skipif(not (ASSETS / "yongen.mp4").is_file(), reason="../shared/assets/yongen.mp4 is absent")
 def test_haar_detector_on_a_real_video_frame() -> None:
-    if find_cascade() is None or not hasattr(cv2, "CascadeClassifier"):
-        with pytest.raises((FileNotFoundError, RuntimeError), match="opencv"):
-            HaarFaceDetector()
-        pytest.skip("no Haar cascade support in this OpenCV installation")
     capture = cv2.VideoCapture(str(ASSETS / "yongen.mp4"))
     ok, frame = capture.read()
     capture.release()
@@ -89,3 +86,19 @@ def test_haar_detector_on_a_real_video_frame() -> None:
     assert box is not None
     x1, y1, x2, y2 = box
     assert 150 < x1 < x2 < 500 and 200 < y1 < y2 < 600 and 150 < x2 - x1 < 350
+
+
+def test_haar_detector_tracks_the_shipped_avatar() -> None:
+    """The shared detector (``inference.face``) behind MuseTalk's box rule, frame to frame."""
+    rgb = cv2.cvtColor(cv2.imread(str(ASTRONAUT)), cv2.COLOR_BGR2RGB)
+    detector = HaarFaceDetector()
+    box = detector(rgb)
+    assert box is not None
+    x1, y1, x2, y2 = box
+    assert abs(x1 - 174) < 12 and abs(x2 - 272) < 15
+    assert y1 < 80 and abs(y2 - (66 + 1.05 * 98 + 10)) < 15
+    frames = [np.roll(rgb, 3 * k, axis=1) for k in range(3)] + [np.full_like(rgb, 128)]
+    boxes = detect_boxes(frames, detector)
+    assert boxes[3] is None and all(b is not None for b in boxes[:3])
+    assert [b[0] - box[0] for b in boxes[:3]] == pytest.approx([0, 3, 6], abs=4)  # type: ignore[index]
+    assert detect_boxes(frames, lambda f: (1, 2, 3, 4)) == [(1, 2, 3, 4)] * 4

@@ -96,7 +96,7 @@ def test_clip_frames_equal_whole_clip_rendering(renderer: MuseTalkRenderer, work
 @pytest.mark.slow
 def test_live_idle_speech_and_interrupt(worker: FrameWorker, two_avatars) -> None:
     a, _ = two_avatars
-    stream = worker.open_stream(a, StreamMode.LIVE, live_lead_s=0.2)
+    stream = worker.open_stream(a, StreamMode.LIVE)
     idle = collect(stream, lambda got: len(got) >= 3)
     assert not any(f.speech for f in idle)
     assert all(np.array_equal(f.image, a.idle_frame(f.index)) for f in idle)
