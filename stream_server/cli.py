@@ -25,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=port,
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_message_bytes,
+        ws_per_message_deflate=False,
         ws_ping_interval=settings.server.ws_ping_interval_s,
         ws_ping_timeout=settings.server.ws_ping_timeout_s,
         log_level="info",

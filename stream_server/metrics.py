@@ -24,6 +24,9 @@ class Metrics:
         self.loop_lag = Histogram(
             "mts_event_loop_lag_seconds", "Event-loop scheduling lag", buckets=LAG_BUCKETS, registry=r
         )
+        self.loop_lag_p99 = Gauge(
+            "mts_event_loop_lag_p99_seconds", "99th percentile of the recent event-loop lag samples", registry=r
+        )
         self.frames = Counter("mts_frames_total", "Video frames streamed", registry=r)
         self.render_fps = Gauge("mts_render_frames_per_second", "Measured render rate, all workers", registry=r)
         self.service = Histogram(

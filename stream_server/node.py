@@ -53,6 +53,7 @@ class Node:
         self.clips = ClipStore(data / "clips")
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
         self.waiting_sessions: dict[str, Session] = {}
         self.granted_sessions: dict[str, Session] = {}
         self.parked: dict[str, tuple[Session, float]] = {}

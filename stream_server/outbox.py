@@ -8,11 +8,13 @@ media it has not read yet is bounded (``send_media`` waits for room).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 Sender = Callable[[str | bytes], Awaitable[None]]
+STATUS_BURST = 2
 
 
 class OutboxClosed(Exception):
@@ -27,7 +29,8 @@ class Outbox:
         self._items: deque[str | bytes] = deque()
         self._media_bytes = 0
         self._status: str | None = None
-        self._status_sent_at = -1e9
+        self._status_tokens = float(STATUS_BURST)
+        self._status_refill_at = time.monotonic()
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -75,6 +78,18 @@ class Outbox:
         self._drained.set()
         self._wake.set()
 
+    def _status_wait(self) -> float:
+        """Seconds until the next status may go: a token bucket of ``STATUS_BURST`` refilled once
+        per ``coalesce_s``, so a change after a quiet spell (or a heartbeat) is never delayed."""
+        now = time.monotonic()
+        if self.coalesce_s <= 0:
+            return 0.0
+        self._status_tokens = min(
+            float(STATUS_BURST), self._status_tokens + (now - self._status_refill_at) / self.coalesce_s
+        )
+        self._status_refill_at = now
+        return 0.0 if self._status_tokens >= 1.0 else (1.0 - self._status_tokens) * self.coalesce_s
+
     async def run(self) -> None:
         """The writer loop; ends when the outbox closes or the socket fails."""
         try:
@@ -88,17 +103,15 @@ class Outbox:
                         self._room.set()
                     await self._send(item)
                 if self._status is not None and not self.closed:
-                    wait = self._status_sent_at + self.coalesce_s - time.monotonic()
+                    wait = self._status_wait()
                     if wait > 0:
-                        try:
+                        with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), wait)
-                        except TimeoutError:
-                            pass
                         self._wake.set()
                         continue
                     status, self._status = self._status, None
+                    self._status_tokens -= 1.0
                     await self._send(status)
-                    self._status_sent_at = time.monotonic()
                     if self.on_status_sent is not None:
                         self.on_status_sent()
                 if not self._items and self._status is None:

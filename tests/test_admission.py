@@ -17,7 +17,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
 )
 
@@ -153,9 +152,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         held = self._in("waiting") + [r for r in self._in("detached") if r.identity != identity]
         if active >= self.cfg.per_identity_cap:
             expected = IdentityBusy
-        elif len(held) >= self.cfg.global_cap:
-            expected = QueueFull
-        elif sum(1 for r in held if r.tier == tier) >= self.cfg.tiers[tier].cap:
+        elif len(held) >= self.cfg.global_cap or (sum(1 for r in held if r.tier == tier) >= self.cfg.tiers[tier].cap):
             expected = QueueFull
         else:
             expected = None
@@ -610,3 +607,12 @@ async def test_a_resume_is_never_refused_for_a_full_queue():
     await q.detach("A", 5.0)
     await q.join("C", "carol", "normal", "x", 40.0)
     assert waiting_ids(q, 40.0) == ["B", "C"]
+
+
+async def test_resumed_ticket_stays_ahead_of_one_that_joined_at_the_same_instant_after_it():
+    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    await q.join("A", "alice", "normal", "x", 5.0)
+    await q.join("B", "bob", "normal", "x", 5.0)  # same join time: arrival decides
+    await q.detach("A", 6.0)
+    await q.reattach("A", 7.0)
+    assert waiting_ids(q, 7.0) == ["A", "B"]

@@ -27,7 +27,7 @@ from inference.musetalk.masks import FaceParser
 from inference.musetalk.models import MuseTalkModels, load_models
 from inference.musetalk.prepare import prepare, read_frames
 
-PREPARATION_VERSION = "musetalk-v15-prep-1"
+PREPARATION_VERSION = "musetalk-v15-prep-2"  # 2: boxes tracked with inference.face
 DECODERS = ("sd-vae", "taesd")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
