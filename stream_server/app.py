@@ -14,8 +14,9 @@ from urllib.parse import urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from inference.avatar_store import InvalidAvatarId, validate_avatar_id
@@ -49,8 +50,7 @@ def origin_allowed(websocket_or_request: WebSocket | Request, allowed: list[str]
     return urlsplit(origin).netloc == host
 
 
-async def session_socket(websocket: WebSocket) -> None:
-    node: Node = websocket.app.state.node
+async def session_socket(websocket: WebSocket, node: Node) -> None:
     if not origin_allowed(websocket, node.settings.server.allowed_origins):
         node.metrics.rejections.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
         await websocket.send_denial_response(
@@ -72,7 +72,6 @@ async def session_socket(websocket: WebSocket) -> None:
     outbox.on_status_sent = node.metrics.position_pushes.inc
     client = websocket.client
     session = Session(node, outbox, client.host if client else "unknown")
-    writer = asyncio.create_task(outbox.run(), name=f"writer-{session.id}")
     node.metrics.connections.inc()
     limits = node.settings.limits
     close_code: int | None = None
@@ -118,9 +117,6 @@ async def session_socket(websocket: WebSocket) -> None:
             await websocket.close(CloseCode.INTERNAL_ERROR)
     finally:
         await session.disconnected()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await writer
         node.metrics.connections.dec()
 
 
@@ -227,34 +223,47 @@ async def get_clip(request: Request) -> Response:
     )
 
 
-def create_app(settings: Settings | None = None, *, engine: EnginePool | None = None) -> Starlette:
-    settings = settings or Settings()
+class StreamServerApp:
+    """The Starlette app for HTTP, with the session socket dispatched before its middleware stack:
+    a waiting client then holds only the frames it needs, which keeps memory per client small."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        node = Node(settings, engine=engine)
-        app.state.node = node
-        app.state.jobs = set()
-        await node.start()
-        try:
-            yield
-        finally:
-            await node.stop()
+    def __init__(self, settings: Settings, engine: EnginePool | None) -> None:
+        self.settings = settings
+        self.node: Node | None = None
 
-    routes = [
-        WebSocketRoute("/v1/stream", session_socket),
-        Route("/", index),
-        Route("/embed.js", embed_js),
-        Route("/v1/avatars", list_avatars, methods=["GET"]),
-        Route("/v1/avatars", create_avatar, methods=["POST"]),
-        Route("/v1/queue", queue_summary),
-        Route("/v1/clips/{key}.mp4", get_clip, methods=["GET", "HEAD"]),
-        Route("/healthz", healthz),
-        Route("/readyz", readyz),
-        Route("/metrics", metrics),
-    ]
-    return Starlette(routes=routes, lifespan=lifespan)
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            node = Node(settings, engine=engine)
+            app.state.node = self.node = node
+            app.state.jobs = set()
+            await node.start()
+            try:
+                yield
+            finally:
+                await node.stop()
+
+        routes = [
+            Route("/", index),
+            Route("/embed.js", embed_js),
+            Route("/v1/avatars", list_avatars, methods=["GET"]),
+            Route("/v1/avatars", create_avatar, methods=["POST"]),
+            Route("/v1/queue", queue_summary),
+            Route("/v1/clips/{key}.mp4", get_clip, methods=["GET", "HEAD"]),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ]
+        self.http = Starlette(routes=routes, lifespan=lifespan)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            if scope["path"] == "/v1/stream" and self.node is not None:
+                await session_socket(WebSocket(scope, receive, send), self.node)
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.http(scope, receive, send)
 
 
-def text_response(message: str, status: int = 200) -> PlainTextResponse:
-    return PlainTextResponse(message, status_code=status)
+def create_app(settings: Settings | None = None, *, engine: EnginePool | None = None) -> StreamServerApp:
+    return StreamServerApp(settings or Settings(), engine)

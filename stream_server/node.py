@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from stream_server.session import Session
 
 log = logging.getLogger(__name__)
+HEARTBEAT_PHASES = 10
+GC_THRESHOLDS = (20_000, 50, 100)
 
 
 class Node:
@@ -68,6 +71,11 @@ class Node:
     async def start(self) -> None:
         await asyncio.to_thread(self.engine.avatars.ensure_default)
         self.engine.start()
+        # Models, avatars and imports stay for the life of the process: keep them out of the
+        # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         self._tasks = [
             asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
@@ -117,22 +125,24 @@ class Node:
     # ----- the loops -----
 
     async def _dispatch_loop(self) -> None:
-        heartbeat = self.settings.queue.heartbeat_s
-        next_heartbeat = time.monotonic() + heartbeat
+        """Grant and push positions on every change. Heartbeats go out in ``HEARTBEAT_PHASES``
+        slices of the line, so a thousand waiting clients never get them in one burst."""
+        tick = self.settings.queue.heartbeat_s / HEARTBEAT_PHASES
+        next_tick = time.monotonic() + tick
+        phase = 0
         while True:
-            timeout = max(0.0, next_heartbeat - time.monotonic())
-            try:
-                await asyncio.wait_for(self._changed.wait(), timeout)
-            except TimeoutError:
-                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
             self._changed.clear()
             try:
                 await self._grant_all()
-                force = time.monotonic() >= next_heartbeat
-                if force:
-                    next_heartbeat = time.monotonic() + heartbeat
+                heartbeat = None
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + tick
+                    phase = (phase + 1) % HEARTBEAT_PHASES
+                    heartbeat = phase
                     self._expire_parked()
-                await self._push_positions(force=force)
+                await self._push_positions(heartbeat_phase=heartbeat)
             except Exception:
                 log.exception("dispatcher round failed")
                 await asyncio.sleep(0.1)
@@ -155,7 +165,7 @@ class Node:
         self.granted_sessions[ticket.id] = session
         self.metrics.sessions_active.set(len(self.granted_sessions))
 
-    async def _push_positions(self, *, force: bool) -> None:
+    async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
         view = await self.admission.view(time.monotonic())
         self._last_view = view
         size = len(view.waiting)
@@ -164,7 +174,7 @@ class Node:
             counts[ticket.tier] = counts.get(ticket.tier, 0) + 1
             session = self.waiting_sessions.get(ticket.id)
             if session is not None:
-                session.queue_status(position, size, eta, force=force)
+                session.queue_status(position, size, eta, force=position % HEARTBEAT_PHASES == heartbeat_phase)
         for tier, n in counts.items():
             self.metrics.queue_waiting.labels(tier).set(n)
         self.metrics.slots_busy.set(view.slots_busy)

@@ -43,16 +43,15 @@ class AuthSettings(BaseModel):
 
 
 class TierSettings(BaseModel):
-    offset_s: float
-    cap: int = 1000
     max_wait_s: float
+    cap: int = 1000
 
 
 def _default_tiers() -> dict[str, TierSettings]:
     return {
-        "vip": TierSettings(offset_s=0.0, cap=1000, max_wait_s=300.0),
-        "normal": TierSettings(offset_s=20.0, cap=1000, max_wait_s=600.0),
-        "low": TierSettings(offset_s=60.0, cap=1000, max_wait_s=900.0),
+        "vip": TierSettings(max_wait_s=120.0, cap=1000),
+        "normal": TierSettings(max_wait_s=600.0, cap=1000),
+        "low": TierSettings(max_wait_s=1200.0, cap=1000),
     }
 
 
@@ -127,8 +126,8 @@ class Settings(BaseSettings):
         missing = [t for t in TIER_NAMES if t not in self.queue.tiers]
         if missing:
             raise ValueError(f"queue.tiers lacks {', '.join(missing)}")
-        offsets = [self.queue.tiers[t].offset_s for t in TIER_NAMES]
-        if offsets != sorted(offsets):
-            raise ValueError("queue.tiers offset_s must not decrease from vip to normal to low")
+        waits = [self.queue.tiers[t].max_wait_s for t in TIER_NAMES]
+        if waits != sorted(waits):
+            raise ValueError("queue.tiers max_wait_s must not decrease from vip to normal to low")
         if self.engine.slots < 1:
             raise ValueError("engine.slots must be at least 1")

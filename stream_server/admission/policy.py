@@ -1,9 +1,13 @@
 """The admission policy: pure functions of tiers, times and counts, shared by every backend.
 
-Order: a ticket's key is its join time plus its tier's offset; the smallest key is granted first,
-ties by arrival. Because offsets grow from vip to low, a higher-tier ticket is never granted after
-a lower-tier ticket that joined later, and a lower-tier ticket waits behind higher-tier ones for at
-most its offset (aging by offset), which bounds its wait under any sustained higher-tier load.
+Order: earliest deadline first. A ticket's key is its deadline, its join time plus its tier's
+maximum wait; the smallest key is granted first, ties by arrival. Because maximum waits grow from
+vip to low, a higher-tier ticket is never granted after a lower-tier ticket that joined later; a
+lower-tier ticket is overtaken only by tickets whose deadlines come before its own, so no tier
+starves: admission refuses a join whose estimated wait is over its tier's maximum, and every
+ticket admitted is served by its deadline as long as the estimates hold. (A fixed offset per tier
+that is not the difference of the maximum waits either lets a full lower-tier line block higher
+tiers at admission, or lets higher-tier load push a lower tier past its maximum.)
 Keys never change, so a waiting ticket only moves back when a ticket with a smaller key joins.
 """
 
@@ -57,7 +61,7 @@ class TierPolicy:
         self.settings = settings
 
     def order_key(self, tier: str, joined_at: float) -> float:
-        return joined_at + self.settings.tier(tier).offset_s
+        return joined_at + self.settings.tier(tier).max_wait_s
 
     def check(self, tier: str, state: Admission) -> None:
         """Raise ``IdentityBusy`` or ``QueueFull`` when a new ticket may not join."""
