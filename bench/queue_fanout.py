@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from bench.common import lag_buckets, lag_p99_between, metric, percentile
 from tests.server_harness import RunningServer, mint, run_server
 
 
@@ -93,32 +93,6 @@ async def open_waiter(server: RunningServer, sub: str) -> Waiter:
     return waiter
 
 
-def metric(server: RunningServer, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", server.get("/metrics").text, re.M)
-    return float(match.group(1)) if match else float("nan")
-
-
-def lag_buckets(server: RunningServer) -> dict[float, float]:
-    """Cumulative counts of the server's event-loop lag histogram, by upper bound in seconds."""
-    pattern = r'^mts_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$'
-    return {float(le): float(n) for le, n in re.findall(pattern, server.get("/metrics").text, re.M)}
-
-
-def lag_p99_between(before: dict[float, float], after: dict[float, float]) -> float:
-    """The bucket bound under which 99 % of the lag samples taken between two readings fall."""
-    bounds = sorted(after)
-    total = after[bounds[-1]] - before.get(bounds[-1], 0.0)
-    for bound in bounds:
-        if after[bound] - before.get(bound, 0.0) >= 0.99 * total:
-            return bound
-    return float("inf")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def run(clients: int, rounds: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp, run_server(
         Path(tmp),
@@ -158,7 +132,8 @@ async def run(clients: int, rounds: int) -> dict[str, object]:
                 await asyncio.wait_for(asyncio.gather(*(w.changed.wait() for w in waiting)), 30)
             except TimeoutError:
                 stuck = [w for w in waiting if not w.changed.is_set()]
-                raise RuntimeError(f"{len(stuck)} clients heard nothing, e.g. at {[w.position for w in stuck[:5]]}: {server.log()[-3000:]}")
+                where = [w.position for w in stuck[:5]]
+                raise RuntimeError(f"{len(stuck)} clients heard nothing, e.g. at {where}") from None
             got = [w.changed_at - t0 if w.granted_at is None else w.granted_at - t0 for w in waiting]
             assert all(w.position == before[id(w)] - 1 for w in waiting)
             latencies.extend(got)

@@ -16,6 +16,8 @@ def _serve(args: argparse.Namespace) -> int:
     from stream_server.app import create_app
 
     settings = Settings()
+    # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
+    sys.setswitchinterval(0.001)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -261,6 +261,7 @@ class Session:
             audio_spec=request.audio.spec.model_dump(),
             segment_s=stream.segment_s,
             crf=stream.video_crf,
+            preset=stream.x264_preset,
             audio_bitrate=stream.audio_bitrate,
         )
 

@@ -93,6 +93,7 @@ class EngineSettings(BaseModel):
 class StreamSettings(BaseModel):
     segment_s: float = 0.5
     video_crf: int = 23
+    x264_preset: str = "superfast"
     audio_bitrate: int = 64000
 
 

@@ -81,6 +81,7 @@ class MseSender:
                 FPS,
                 segment_seconds=self.settings.segment_s,
                 crf=self.settings.video_crf,
+                preset=self.settings.x264_preset,
                 audio_bitrate=self.settings.audio_bitrate,
                 threads=1,
             )
