@@ -311,6 +311,9 @@ class Session:
         self.state = SessionState.STREAMING
         request.granted_at = time.monotonic()
         self.outbox.set_status(None)
+        if self._last_position is None and self.identity is not None:
+            # Granted in the round it joined: the client still hears that it joined the line.
+            self.outbox.send(queued_message(1, len(self.node.waiting_sessions) + 1, self.identity.tier, None))
         self.outbox.send(encode("granted", waited_s=round(grant.waited_s, 3)))
         request.task = asyncio.get_running_loop().create_task(self._serve(request), name=f"serve-{request.ticket_id}")
         return True

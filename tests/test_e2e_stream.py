@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +207,30 @@ async def test_live_session_idles_speaks_and_interrupts(tmp_path: Path) -> None:
         assert not talking[-25:].any(), "after interrupt the avatar is idle again"
         assert talking.sum() < 8.0 * 25 * 0.6, "interrupt dropped the rest of the 8 s utterance"
         await client.close()
+
+
+def test_command_line_client_writes_a_playable_mp4(server: RunningServer, tmp_path: Path) -> None:
+    audio = tmp_path / "speech.wav"
+    audio.write_bytes(tone_wav(2.0))
+    out = tmp_path / "out.mp4"
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_server", "client", "--avatar", "astronaut", "--audio", str(audio),
+         "-o", str(out), "--server", server.url, "--token", mint("nick", "normal")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "position 1" in result.stderr and "50/50 frames" in result.stderr
+    frames, _, audio_s = decode_mp4(out.read_bytes())
+    assert len(frames) == 50 and abs(audio_s - 2.0) < 0.07
+
+
+def test_command_line_client_reports_errors(server: RunningServer, tmp_path: Path) -> None:
+    audio = tmp_path / "speech.wav"
+    audio.write_bytes(b"not a wav file at all" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_server", "client", "--avatar", "astronaut", "--audio", str(audio),
+         "-o", str(tmp_path / "out.mp4"), "--server", server.url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1 and "bad_audio" in result.stderr
+    assert not (tmp_path / "out.mp4").exists()
