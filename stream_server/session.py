@@ -40,7 +40,8 @@ from stream_server.protocol import (
     encode,
     error_message,
 )
-from stream_server.transports.mse import MseSender, send_cached_clip
+from stream_server.transports.mse import MseSender, ProgressReporter, StreamResult, send_cached_clip
+from stream_server.transports.webrtc import WebRtcSender
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class Request:
     task: asyncio.Task[None] | None = None
     granted_at: float = 0.0
     media_started: bool = False
+    offer: asyncio.Future[tuple[str, object]] | None = None
+    rtc: WebRtcSender | None = None
 
     @property
     def live(self) -> bool:
@@ -116,12 +119,7 @@ class Session:
         elif isinstance(message, Interrupt):
             self._interrupt()
         elif isinstance(message, WebrtcOffer):
-            raise ProtocolError(
-                ErrorCode.NOT_GRANTED
-                if self.state is not SessionState.STREAMING
-                else ErrorCode.BAD_MESSAGE,
-                "no WebRTC session is waiting for an offer",
-            )
+            self._offer(message)
 
     async def handle_audio(self, data: bytes) -> None:
         request = self.request
@@ -194,8 +192,6 @@ class Session:
         wait = self.node.start_limiter.allow(self.identity.key, time.monotonic())
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many start messages", retry_after_s=wait)
-        if message.transport == "webrtc":
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, "transport webrtc is not offered by this server yet; use mse")
         avatar = self.node.engine.avatars.info(message.avatar)
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
@@ -243,8 +239,9 @@ class Session:
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
-            request.clip_key = self._clip_key(request)
-            if not request.media_started and self.node.clips.exists(request.clip_key):
+            if request.start.transport == "mse":
+                request.clip_key = self._clip_key(request)
+            if request.clip_key and not request.media_started and self.node.clips.exists(request.clip_key):
                 await self._serve_cached(request)
                 return
         request.deliver(pcm)
@@ -286,6 +283,14 @@ class Session:
         self.request = None
         self.state = SessionState.IDLE
 
+    def _offer(self, message: WebrtcOffer) -> None:
+        request = self.request
+        if self.state is not SessionState.STREAMING or request is None:
+            raise ProtocolError(ErrorCode.NOT_GRANTED, "send webrtc_offer after granted")
+        if request.offer is None or request.offer.done():
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "this request takes no (further) WebRTC offer")
+        request.offer.set_result((message.sdp, message.id))
+
     def _interrupt(self) -> None:
         request = self.request
         if request is None or not request.live:
@@ -293,6 +298,8 @@ class Session:
         request.pending.clear()
         if request.stream is not None:
             request.stream.interrupt()
+        if request.rtc is not None:
+            request.rtc.interrupt()
 
     # ----- from the node -----
 
@@ -315,7 +322,10 @@ class Session:
             # Granted in the round it joined: the client still hears that it joined the line.
             self.outbox.send(queued_message(1, len(self.node.waiting_sessions) + 1, self.identity.tier, None))
         self.outbox.send(encode("granted", waited_s=round(grant.waited_s, 3)))
-        request.task = asyncio.get_running_loop().create_task(self._serve(request), name=f"serve-{request.ticket_id}")
+        loop = asyncio.get_running_loop()
+        if request.start.transport == "webrtc":
+            request.offer = loop.create_future()
+        request.task = loop.create_task(self._serve(request), name=f"serve-{request.ticket_id}")
         return True
 
     async def _serve(self, request: Request) -> None:
@@ -337,20 +347,23 @@ class Session:
             for pcm in request.pending:
                 request.deliver(pcm)
             request.pending.clear()
-            sender = MseSender(
-                stream,
-                self.outbox,
-                ready,
-                node.settings.stream,
-                total_frames=lambda: request.frames_total,
-                open_clip=lambda: node.clips.writer(request.clip_key) if request.clip_key else None,
-                on_frames=node.metrics.frames.inc,
-                first_segment=lambda: setattr(request, "media_started", True),
-            )
             limit = node.settings.limits.max_live_session_s if request.live else None
             try:
                 async with asyncio.timeout(limit):
-                    result = await sender.run()
+                    if request.offer is not None:
+                        result = await self._serve_webrtc(request, stream, ready)
+                    else:
+                        sender = MseSender(
+                            stream,
+                            self.outbox,
+                            ready,
+                            node.settings.stream,
+                            total_frames=lambda: request.frames_total,
+                            open_clip=lambda: node.clips.writer(request.clip_key) if request.clip_key else None,
+                            on_frames=node.metrics.frames.inc,
+                            first_segment=lambda: setattr(request, "media_started", True),
+                        )
+                        result = await sender.run()
             finally:
                 stream.cancel()
             if result.state is StreamState.FINISHED:
@@ -389,6 +402,36 @@ class Session:
                 mode=request.start.mode,
                 held_s=time.monotonic() - request.granted_at,
             )
+
+    async def _serve_webrtc(self, request: Request, stream: EngineStream, ready: asyncio.Event) -> StreamResult:
+        """Wait for the client's offer, answer it, then pace the stream into the peer connection."""
+        assert request.offer is not None
+        settings = self.node.settings
+        progress = ProgressReporter(self.outbox, lambda: request.frames_total)
+        sender = WebRtcSender(
+            stream,
+            ready,
+            [server.model_dump(exclude_none=True) for server in settings.stream.ice_servers],
+            on_frames=lambda n: (self.node.metrics.frames.inc(n), progress.add(n)),
+        )
+        request.rtc = sender
+        try:
+            try:
+                sdp, offer_id = await asyncio.wait_for(request.offer, settings.stream.webrtc_offer_timeout_s)
+            except TimeoutError:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "no webrtc_offer came after granted") from None
+            try:
+                answer = await sender.answer(sdp)
+            except ValueError as exc:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"webrtc_offer: {exc}") from None
+            self.outbox.send(encode("webrtc_answer", offer_id, sdp=answer))
+            info = stream.avatar.info
+            self.outbox.send(encode("stream", transport="webrtc", width=info.width, height=info.height, fps=FPS))
+            result = await sender.run()
+            progress.flush()
+            return result
+        finally:
+            await sender.close()
 
     # ----- ending -----
 

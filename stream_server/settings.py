@@ -90,10 +90,18 @@ class EngineSettings(BaseModel):
     avatar_cache: int = 16
 
 
+class IceServer(BaseModel):
+    urls: str | list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
 class StreamSettings(BaseModel):
     segment_s: float = 0.5
     video_crf: int = 23
     x264_preset: str = "superfast"
+    ice_servers: list[IceServer] = Field(default_factory=list)
+    webrtc_offer_timeout_s: float = 20.0
     audio_bitrate: int = 64000
 
 

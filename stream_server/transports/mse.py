@@ -40,6 +40,31 @@ def clip_sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+class ProgressReporter:
+    """``progress`` messages about twice a second of video, and once at the end."""
+
+    def __init__(self, outbox: Outbox, total: Callable[[], int | None]) -> None:
+        self.outbox = outbox
+        self.total = total
+        self.frames = 0
+        self._reported = 0
+
+    def add(self, frames: int) -> None:
+        self.frames += frames
+        if self.frames - self._reported >= FPS // 2:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.frames == self._reported and self._reported:
+            return
+        self._reported = self.frames
+        total = self.total()
+        fields: dict[str, int] = {"frames": self.frames}
+        if total is not None:
+            fields["total"] = total
+        self.outbox.send(encode("progress", **fields))
+
+
 class MseSender:
     """Encodes one engine stream to fMP4 and sends it; optionally keeps the clip."""
 
@@ -59,7 +84,6 @@ class MseSender:
         self.outbox = outbox
         self.ready = ready
         self.settings = settings
-        self.total_frames = total_frames
         self.open_clip = open_clip
         self.clip: ClipWriter | None = None
         self.on_frames = on_frames
@@ -69,7 +93,7 @@ class MseSender:
         self._init_sent = False
         self._clip_started = False
         self._clip_committed = False
-        self._progress_at = 0
+        self.progress = ProgressReporter(outbox, total_frames)
 
     async def run(self) -> StreamResult:
         width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
@@ -94,14 +118,14 @@ class MseSender:
                     await self._send(muxer, await self._in_encoder(self._encode, muxer, frames))
                     self.frames += len(frames)
                     self.on_frames(len(frames))
-                    self._progress()
+                    self.progress.add(len(frames))
                 elif self.stream.closed:
                     break
                 else:
                     await self.ready.wait()
             if self.stream.state is StreamState.FINISHED:
                 await self._send(muxer, await self._in_encoder(self._close, muxer))
-                self._progress(final=True)
+                self.progress.flush()
                 clip_path = None
                 if self.clip is not None:
                     meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height,
@@ -161,15 +185,6 @@ class MseSender:
             self.first_segment()
         for seg in segments:
             await self.outbox.send_media(seg)
-
-    def _progress(self, final: bool = False) -> None:
-        if final or self.frames - self._progress_at >= FPS // 2:
-            self._progress_at = self.frames
-            total = self.total_frames()
-            fields: dict[str, int] = {"frames": self.frames}
-            if total is not None:
-                fields["total"] = total
-            self.outbox.send(encode("progress", **fields))
 
 
 async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -> int:
