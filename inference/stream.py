@@ -25,7 +25,7 @@ from inference.engine import (
 )
 
 
-class StreamMode(str, enum.Enum):
+class StreamMode(enum.StrEnum):
     CLIP = "clip"
     LIVE = "live"
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     QUEUE_FULL = "queue_full"
     INVALID_TOKEN = "invalid_token"
     BAD_MESSAGE = "bad_message"

@@ -390,7 +390,9 @@ class Session:
             self.send_error(exc)
         except Exception:
             log.exception("serving %s failed", request.ticket_id)
-            self.send_error(ProtocolError(ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released"))
+            self.send_error(
+                ProtocolError(ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released")
+            )
         finally:
             if self.request is request:
                 self.request = None

@@ -246,7 +246,7 @@ def test_corrupted_bytes_never_leak_ffmpeg_errors(fmt: str) -> None:
 
 def split_randomly(data: bytes, rng: np.random.Generator) -> list[bytes]:
     cuts = sorted({int(c) for c in rng.integers(0, len(data), 25)})
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=False)]
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,8 @@ async def test_three_tiers_one_slot_positions_and_grant_order(server: RunningSer
 
 
 async def test_forged_and_expired_tokens_are_refused_and_closed(server: RunningServer) -> None:
-    for token in (mint("mallory", "vip", secret="not-the-server-secret-but-long-enough-0123"), mint("old", "vip", exp=1_000)):
+    forged = mint("mallory", "vip", secret="not-the-server-secret-but-long-enough-0123")
+    for token in (forged, mint("old", "vip", exp=1_000)):
         client = await Client.connect(server)
         await client.send("hello", token=token)
         err = await client.expect("error")
@@ -247,10 +248,10 @@ async def test_start_rate_limit(tmp_path: Path) -> None:
         codes = []
         for _ in range(3):
             await client.send("start", **CLIP)
-            msg = await client.expect("queued", "granted", "error")
+            msg = await client.expect("granted", "error")
             codes.append(msg.get("code", msg["type"]))
             await client.send("cancel")
-        assert codes[:2] != ["rate_limited"] * 2 and codes[2] == "rate_limited"
+        assert codes == ["granted", "granted", "rate_limited"]
         await client.close()
 
 

@@ -112,7 +112,7 @@ def track_runs(init: bytes, segment: bytes) -> list[TrackRun]:
         samples = []
         for _ in range(count):
             values = struct.unpack_from(f">{len(per_sample)}I", segment, cursor)
-            samples.append(dict(zip(per_sample, values)))
+            samples.append(dict(zip(per_sample, values, strict=False)))
             cursor += 4 * len(per_sample)
         first_flags = run_header.get(0x4, samples[0].get(0x400, sample_flags))
         durations = [sample.get(0x100, duration) for sample in samples]
