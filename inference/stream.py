@@ -25,6 +25,9 @@ from inference.engine import (
 )
 
 
+MID_UTTERANCE_GRACE_S = 0.08
+
+
 class StreamMode(enum.StrEnum):
     CLIP = "clip"
     LIVE = "live"
@@ -188,7 +191,12 @@ class EngineStream:
         return max(0, count)
 
     def _idle_due(self, now: float) -> bool:
-        """Live mode: no speech is ready and the next frame is due, so show the avatar at rest."""
+        """Live mode: no speech is ready and the next frame is due, so show the avatar at rest.
+        Mid-utterance (audio received, its look-ahead not yet) the frame may be up to
+        ``MID_UTTERANCE_GRACE_S`` late before a rest frame is shown, so a little jitter in the
+        incoming audio does not make the mouth flicker shut."""
+        if self._featurizer.pending() > 0:
+            now -= MID_UTTERANCE_GRACE_S
         return (
             self.mode is StreamMode.LIVE
             and self.state is StreamState.RUNNING

@@ -226,6 +226,8 @@ class Session:
         request = self.request
         if request is None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end needs a start first")
+        if not request.live and request.frames_total is not None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end was already sent for this clip")
         try:
             pcm = await request.audio.end()
         except ProtocolError:
@@ -377,6 +379,10 @@ class Session:
                         duration_s=round(result.frames / FPS, 3),
                         clip=node.clips.url(request.clip_key) if request.clip_key else None,
                     )
+                )
+            elif result.state is StreamState.CANCELLED and result.error is not None:
+                self.send_error(
+                    ProtocolError(ErrorCode.INTERNAL, f"the media connection ended ({result.error!r}); the slot was released")
                 )
             elif result.state is StreamState.FAILED:
                 log.error("engine failed for %s: %r", request.ticket_id, result.error)

@@ -196,7 +196,7 @@ async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -
     boxes, _ = split_boxes(data)
     chunk = bytearray()
     for kind, box in boxes:
-        if kind in (b"moof", b"moov") and chunk:
+        if kind == b"moof" and chunk:
             await outbox.send_media(bytes(chunk))
             chunk = bytearray()
         chunk += box
