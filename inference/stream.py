@@ -24,7 +24,6 @@ from inference.engine import (
     PreparedAvatar,
 )
 
-
 MID_UTTERANCE_GRACE_S = 0.08
 
 

@@ -7,11 +7,13 @@ import contextlib
 import logging
 import secrets
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.samples import Sample
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -131,6 +133,25 @@ async def embed_js(request: Request) -> Response:
     return FileResponse(WEB_CLIENT / "embed.js", media_type="text/javascript")
 
 
+# Further files of the web client: URL path -> (file in web_client/, media type).
+STATIC_FILES = {
+    "/app.js": ("app.js", "text/javascript"),
+    "/audio.js": ("audio.js", "text/javascript"),
+    "/i18n.js": ("i18n.js", "text/javascript"),
+    "/admin.js": ("admin.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+    "/demo-chat.html": ("demo-chat.html", "text/html"),
+    "/admin": ("admin.html", "text/html"),
+}
+
+
+def static_file(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return FileResponse(WEB_CLIENT / name, media_type=media_type)
+
+    return endpoint
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -208,6 +229,46 @@ async def create_avatar(request: Request) -> Response:
     return JSONResponse({"id": avatar_id, "name": name, "ready": False}, status_code=202)
 
 
+def _admin_denied(request: Request, node: Node) -> Response | None:
+    """None for a request with a verified admin token; else the 401 or 403 to answer."""
+    try:
+        identity = node.auth.identify(_bearer(request), request.client.host if request.client else "")
+    except ProtocolError as err:
+        return JSONResponse({"code": err.code.value, "message": err.message}, status_code=401)
+    if not identity.is_admin:
+        return JSONResponse({"code": "forbidden", "message": "an admin token is required"}, status_code=403)
+    return None
+
+
+def _samples(metric: MetricWrapperBase) -> list[Sample]:
+    return [s for family in metric.collect() for s in family.samples if not s.name.endswith("_created")]
+
+
+async def admin_stats(request: Request) -> Response:
+    """Admin: the node at a glance, for the /admin page."""
+    node: Node = request.app.state.node
+    denied = _admin_denied(request, node)
+    if denied is not None:
+        return denied
+    summary = await node.queue_summary()
+    slots: dict[str, int] = summary["slots"]  # type: ignore[assignment]
+    m = node.metrics
+    return JSONResponse(
+        {
+            "waiting": summary["tiers"],
+            "slots": {**slots, "free": max(0, slots["total"] - slots["busy"])},
+            "frames_per_second": round(node.engine.frames_per_second(), 2),
+            "clips_served": int(sum(s.value for s in _samples(m.clips_served))),
+            "errors": {s.labels["code"]: int(s.value) for s in _samples(m.rejections)},
+            "frames_streamed": int(sum(s.value for s in _samples(m.frames))),
+            "connections": int(sum(s.value for s in _samples(m.connections))),
+            "sessions_active": int(sum(s.value for s in _samples(m.sessions_active))),
+            "engine": node.engine.name,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 async def get_clip(request: Request) -> Response:
     node: Node = request.app.state.node
     key = request.path_params["key"]
@@ -245,6 +306,8 @@ class StreamServerApp:
         routes = [
             Route("/", index),
             Route("/embed.js", embed_js),
+            *[Route(path, static_file(name, media)) for path, (name, media) in STATIC_FILES.items()],
+            Route("/v1/admin/stats", admin_stats),
             Route("/v1/avatars", list_avatars, methods=["GET"]),
             Route("/v1/avatars", create_avatar, methods=["POST"]),
             Route("/v1/queue", queue_summary),

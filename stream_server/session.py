@@ -381,9 +381,8 @@ class Session:
                     )
                 )
             elif result.state is StreamState.CANCELLED and result.error is not None:
-                self.send_error(
-                    ProtocolError(ErrorCode.INTERNAL, f"the media connection ended ({result.error!r}); the slot was released")
-                )
+                message = f"the media connection ended ({result.error!r}); the slot was released"
+                self.send_error(ProtocolError(ErrorCode.INTERNAL, message))
             elif result.state is StreamState.FAILED:
                 log.error("engine failed for %s: %r", request.ticket_id, result.error)
                 self.send_error(ProtocolError(ErrorCode.INTERNAL, "the engine failed; the slot was released"))
