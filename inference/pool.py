@@ -36,7 +36,12 @@ def avatar_root(config: EngineConfig) -> Path:
     return config.data_dir / "avatars"
 
 
-def build_renderer(config: EngineConfig) -> Renderer:
+def worker_device(device: str, index: int) -> str:
+    """``cuda`` with several workers means one GPU each: ``cuda:0``, ``cuda:1``, ..."""
+    return f"cuda:{index}" if device == "cuda" else device
+
+
+def build_renderer(config: EngineConfig, index: int = 0) -> Renderer:
     """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else
     ``lite``."""
     kind = config.kind
@@ -58,7 +63,7 @@ def build_renderer(config: EngineConfig) -> Renderer:
         return MuseTalkRenderer.from_folder(
             config.models_dir,
             avatar_root(config),
-            device=config.device,
+            device=worker_device(config.device, index),
             dtype=config.dtype,
             max_batch=config.max_batch,
         )
@@ -72,7 +77,7 @@ class EnginePool:
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
-        renderers = renderers or [build_renderer(config) for _ in range(max(1, config.workers))]
+        renderers = renderers or [build_renderer(config, i) for i in range(max(1, config.workers))]
         self.name = renderers[0].name
         self.workers = [
             FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
@@ -94,6 +99,10 @@ class EnginePool:
     ) -> EngineStream:
         worker = min(self.workers, key=lambda w: w.active_streams)
         return worker.open_stream(avatar, mode, **options)  # type: ignore[arg-type]
+
+    def measure_capacity(self, avatar: PreparedAvatar) -> float:
+        """Frames a second all workers sustain together (measured before they start)."""
+        return sum(worker.measure_capacity(avatar) for worker in self.workers)
 
     def frames_per_second(self) -> float:
         return sum(w.frames_per_second() for w in self.workers)

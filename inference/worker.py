@@ -16,7 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from inference.engine import FPS, FrameRequest, PreparedAvatar, Renderer
+import numpy as np
+
+from inference.engine import (
+    FEATURE_SAMPLE_RATE,
+    FEATURE_SAMPLES_PER_FRAME,
+    FPS,
+    FrameRequest,
+    PreparedAvatar,
+    Renderer,
+)
 from inference.stream import EngineStream, StreamMode, StreamState
 
 log = logging.getLogger(__name__)
@@ -111,6 +120,23 @@ class FrameWorker:
             return 0.0
         span = recent[-1][0] - recent[0][0]
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+    def measure_capacity(self, avatar: PreparedAvatar, batches: int = 3) -> float:
+        """Frames a second this worker's renderer sustains at full batches of ``avatar``'s frames
+        driven by speech-like audio. Call before ``start`` (it uses the renderer directly)."""
+        featurizer = self.renderer.new_featurizer("clip")
+        frames = self.max_batch * (batches + 1)
+        t = np.arange(frames * FEATURE_SAMPLES_PER_FRAME, dtype=np.float32) / FEATURE_SAMPLE_RATE
+        featurizer.push((0.3 * np.sin(2 * np.pi * 140 * t) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32))
+        featurizer.finish()
+        features = featurizer.take(featurizer.ready())
+        requests = [FrameRequest(avatar, i % avatar.cycle_length, f) for i, f in enumerate(features)]
+        self.renderer.render(requests[: self.max_batch])
+        start = time.perf_counter()
+        timed = requests[self.max_batch :]
+        for i in range(0, len(timed), self.max_batch):
+            self.renderer.render(timed[i : i + self.max_batch])
+        return len(timed) / max(time.perf_counter() - start, 1e-9)
 
     # ----- the loop -----
 

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from inference.engine import FPS
 from inference.pool import EngineConfig, EnginePool
 from stream_server.admission.backend import AdmissionQueue, Grant, QueueView
 from stream_server.admission.memory import MemoryAdmissionQueue
@@ -69,7 +70,9 @@ class Node:
     # ----- lifecycle -----
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.engine.avatars.ensure_default)
+        default = await asyncio.to_thread(self.engine.avatars.ensure_default)
+        if self.settings.engine.slots == 0:
+            await self._calibrate_slots(default.id)
         self.engine.start()
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.
@@ -90,6 +93,19 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(self.engine.stop)
+
+    async def _calibrate_slots(self, avatar_id: str) -> None:
+        """``engine.slots = 0``: admit as many sessions as the measured render rate keeps at
+        25 frames/s, with ``engine.capacity_headroom`` to spare, at most ``engine.max_slots``."""
+        avatar = await asyncio.to_thread(self.engine.avatars.get, avatar_id)
+        if avatar is None:
+            raise RuntimeError(f"the default avatar {avatar_id!r} could not be loaded")
+        fps = await asyncio.to_thread(self.engine.measure_capacity, avatar)
+        engine = self.settings.engine
+        slots = max(1, min(engine.max_slots, int(fps * engine.capacity_headroom / FPS)))
+        log.info("measured %.0f frames/s: admitting %d sessions at once", fps, slots)
+        await self.admission.set_slots(slots)
+        self.metrics.slots_total.set(slots)
 
     def changed(self) -> None:
         """Something about the line changed: grant what can be granted and push positions."""

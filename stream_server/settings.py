@@ -85,6 +85,8 @@ class EngineSettings(BaseModel):
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     workers: int = 1
     slots: int = 4
+    max_slots: int = 64
+    capacity_headroom: float = 0.8
     max_batch: int = 8
     stream_buffer_frames: int = 50
     avatar_cache: int = 16
@@ -138,5 +140,5 @@ class Settings(BaseSettings):
         waits = [self.queue.tiers[t].max_wait_s for t in TIER_NAMES]
         if waits != sorted(waits):
             raise ValueError("queue.tiers max_wait_s must not decrease from vip to normal to low")
-        if self.engine.slots < 1:
-            raise ValueError("engine.slots must be at least 1")
+        if self.engine.slots < 0:
+            raise ValueError("engine.slots must be 0 (measure) or more")
