@@ -271,3 +271,15 @@ async def test_queue_metrics_and_endpoints(server: RunningServer) -> None:
     for name in ("mts_queue_waiting", "mts_queue_wait_seconds", "mts_grants_total", "mts_sessions_active",
                  "mts_event_loop_lag_seconds"):
         assert name in metrics
+
+
+async def test_origin_allow_list(tmp_path: Path) -> None:
+    with run_server(tmp_path, MTS_SERVER__ALLOWED_ORIGINS='["https://chat.example"]') as server:
+        allowed = await websockets.connect(server.ws_url, origin="https://chat.example")
+        await allowed.send(json.dumps({"type": "hello"}))
+        assert json.loads(await allowed.recv())["type"] == "welcome"
+        await allowed.close()
+        for origin in ("https://evil.example", server.url):
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(server.ws_url, origin=origin)
+            assert refused.value.response.status_code == 403
