@@ -130,7 +130,10 @@ async def index(request: Request) -> Response:
 
 
 async def embed_js(request: Request) -> Response:
-    return FileResponse(WEB_CLIENT / "embed.js", media_type="text/javascript")
+    # Pages on other origins load it as a module script, which is fetched with CORS.
+    return FileResponse(
+        WEB_CLIENT / "embed.js", media_type="text/javascript", headers={"Access-Control-Allow-Origin": "*"}
+    )
 
 
 # Further files of the web client: URL path -> (file in web_client/, media type).
@@ -195,12 +198,9 @@ async def create_avatar(request: Request) -> Response:
     """Admin: the request body is the image or video; ``?id=`` and ``?name=`` name the avatar.
     Preparation runs as a background job; the avatar is listed with ``ready: false`` until done."""
     node: Node = request.app.state.node
-    try:
-        identity = node.auth.identify(_bearer(request), request.client.host if request.client else "")
-    except ProtocolError as err:
-        return JSONResponse({"code": err.code.value, "message": err.message}, status_code=401)
-    if not identity.is_admin:
-        return JSONResponse({"code": "forbidden", "message": "an admin token is required"}, status_code=403)
+    denied = _admin_denied(request, node)
+    if denied is not None:
+        return denied
     try:
         avatar_id = validate_avatar_id(request.query_params.get("id", ""))
     except InvalidAvatarId as exc:

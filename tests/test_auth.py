@@ -14,7 +14,7 @@ from stream_server.auth import Authenticator
 from stream_server.protocol import CloseCode, ErrorCode, ProtocolError
 from stream_server.settings import AuthSettings
 
-SECRET = "unit-test-secret-0123456789-0123456789"
+SECRET = "unit-test-secret-0123456789-0123456789-0123456789-0123456789"
 
 
 def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, path: Path) -> Path:
@@ -30,7 +30,10 @@ def claims(**extra: object) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     ("algorithm", "make_key"),
-    [("RS256", lambda: rsa.generate_private_key(65537, 2048)), ("ES256", lambda: ec.generate_private_key(ec.SECP256R1()))],
+    [
+        ("RS256", lambda: rsa.generate_private_key(65537, 2048)),
+        ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
+    ],
 )
 def test_public_key_tokens_verify_and_forgeries_do_not(tmp_path: Path, algorithm: str, make_key) -> None:
     key, other = make_key(), make_key()

@@ -5,6 +5,13 @@ keeps all hidden states (embedding output + each encoder layer: 5 x 384 for whis
 are trimmed to the audio's length, ``LEFT_PAD`` zero steps are put before and ``RIGHT_PAD`` after,
 and frame ``i`` takes padded steps ``[2i, 2i + 10)``: real steps ``[2i - 4, 2i + 6)``, i.e. 80 ms of
 audio either side of the frame's own 40 ms.
+
+MuseTalk (``AudioProcessor.get_whisper_chunk``) counts frames and steps in floating point,
+``floor(samples / 16000 * 25)`` and ``floor(samples / 16000 * 50)``; those are the integer
+``samples // 640`` and ``samples // 320`` except where rounding makes the product fall just short
+of a whole number (9280 samples: 28.999999999999996 steps), where MuseTalk drops that last step or
+frame. Integer arithmetic is kept here: an utterance then always has exactly ``samples // 640``
+frames, which the stream's audio/video alignment relies on.
 """
 
 from __future__ import annotations

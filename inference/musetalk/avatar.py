@@ -54,6 +54,7 @@ class MuseTalkAvatar(PreparedAvatar):
         self.info = AvatarInfo(id=avatar_id, name=name, frames=n, width=w, height=h, ready=True)
         self.has_face = np.array([b is not None for b in data.boxes], dtype=bool)
         self.alphas = [a[..., None] if a is not None else None for a in data.alphas]
+        self._latents: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def source_index(self, cycle_index: int) -> int:
         """The source frame at loop position ``cycle_index``: forward then backward, never a jump
@@ -69,6 +70,18 @@ class MuseTalkAvatar(PreparedAvatar):
     def to(self, device: torch.device, dtype: torch.dtype) -> MuseTalkAvatar:
         self.data.latents = self.data.latents.to(device=device, dtype=dtype)
         return self
+
+    def latents_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The latents on ``device`` in ``dtype``: an avatar loaded once is shared by workers on
+        several GPUs, and each gets its own copy once instead of a transfer every batch."""
+        latents = self.data.latents
+        if latents.device == device and latents.dtype == dtype:
+            return latents
+        key = (device, dtype)
+        copy = self._latents.get(key)
+        if copy is None:
+            copy = self._latents[key] = latents.to(device=device, dtype=dtype)
+        return copy
 
 
 def save_avatar(folder: Path, avatar: MuseTalkAvatar) -> None:
@@ -142,6 +155,9 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
         )
         if latents.shape[0] != n or len(boxes) != n:
             raise ValueError("latents or boxes do not match the frames")
+        for i, (box, alpha) in enumerate(zip(boxes, alphas, strict=True)):
+            if box is not None and alpha is not None and alpha.shape != (box[3] - box[1], box[2] - box[0]):
+                raise ValueError(f"mask {i} does not match its face box")
         return MuseTalkAvatar(meta["id"], meta["name"], data, str(meta.get("version", "")))
     except Exception as exc:  # damaged or foreign files: prepared again by the caller
         log.warning("musetalk avatar in %s could not be loaded: %s", folder, exc)

@@ -1,8 +1,11 @@
 """Blending masks: where the generated face replaces the original, as MuseTalk v1.5 ("jaw" mode).
 
-For a square crop 1.5x the face box, the face is parsed (BiSeNet, 19 classes), the skin region
-grown downwards over the jaw with a cone-shaped kernel (less on the cheeks), lips and mouth added,
-the nose left out; the mask is kept inside the face box and below the crop's middle, then blurred.
+For a square crop 1.5x the face box, the face is parsed (BiSeNet, 19 classes, at 512x512), the skin
+region dilated with MuseTalk's cone-and-tail kernel (with cv2's anchor at its centre this grows the
+jaw line a few pixels down) and eroded again on the cheeks (outside a central band of
+``2 * cheek_width`` columns, 90 px each side in v1.5's scripts), lips and mouth added, the nose left
+out; the mask is kept inside the face box and below the crop's middle, then blurred.
+MuseTalk v1 used the "raw" mode instead: skin, mouth and lips as parsed, no growing.
 
 Without the parsing weights a geometric stand-in is used: an ellipse over the lower face (from the
 nose line to the chin, 90% of the box width), under the same crop, boundary and blur rules.
@@ -20,6 +23,8 @@ from inference.musetalk.face import Box
 EXPAND = 1.5
 UPPER_BOUNDARY = 0.5
 PARSE_SIZE = 512
+CHEEK_WIDTH = 90  # v1.5's inference scripts pass --left/right_cheek_width 90
+MASK_MODES = ("jaw", "raw")
 SKIN, NOSE_CLASS, MOUTH, UPPER_LIP, LOWER_LIP = 1, 10, 11, 12, 13
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -58,13 +63,20 @@ def _jaw_kernel(cone: int = 21, tail: int = 12) -> np.ndarray:
 
 
 class FaceParser:
-    """BiSeNet face parsing turned into v1.5 "jaw" masks."""
+    """BiSeNet face parsing turned into blending masks: v1.5's "jaw" mode, or v1's "raw" one."""
 
-    def __init__(self, net: BiSeNet, device: torch.device, *, cheek_width: int = 80) -> None:
+    def __init__(
+        self, net: BiSeNet | None, device: torch.device, *, mode: str = "jaw", cheek_width: int = CHEEK_WIDTH
+    ) -> None:
+        if mode not in MASK_MODES:
+            raise ValueError(f"unknown mask mode {mode!r}; expected one of {MASK_MODES}")
         self.net = net
         self.device = device
+        self.mode = mode
         self.kernel = _jaw_kernel()
         self.cheek_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
+        # The cheeks: columns [0, centre - width] and [centre + width, 512), both ends included as
+        # in MuseTalk's filled cv2.rectangle.
         cheeks = np.zeros((PARSE_SIZE, PARSE_SIZE), dtype=np.uint8)
         centre = PARSE_SIZE // 2
         cheeks[:, : centre - cheek_width + 1] = 255
@@ -74,10 +86,18 @@ class FaceParser:
     @torch.inference_mode()
     def labels(self, crops: list[np.ndarray]) -> np.ndarray:
         """Class per pixel at 512x512 for RGB crops: ``[N, 512, 512]``."""
-        batch = np.stack([cv2.resize(c, (PARSE_SIZE, PARSE_SIZE), interpolation=cv2.INTER_LINEAR) for c in crops])
+        if self.net is None:
+            raise RuntimeError("this FaceParser has no network")
+        batch = np.stack([parse_input(c) for c in crops])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         x = (x - _MEAN.to(self.device)) / _STD.to(self.device)
         return self.net(x).argmax(1).cpu().numpy().astype(np.uint8)
+
+    def mask(self, labels: np.ndarray) -> np.ndarray:
+        """The 0/255 mask of one 512x512 label map in this parser's mode."""
+        if self.mode == "raw":
+            return np.where(np.isin(labels, (SKIN, MOUTH, UPPER_LIP, LOWER_LIP)), 255, 0).astype(np.uint8)
+        return self.jaw_mask(labels)
 
     def jaw_mask(self, labels: np.ndarray) -> np.ndarray:
         skin = np.where(labels == SKIN, 255, 0).astype(np.uint8)
@@ -91,9 +111,21 @@ class FaceParser:
         """0/255 masks at each crop's own size."""
         out = []
         for crop, labels in zip(crops, self.labels(crops), strict=True):
-            mask = self.jaw_mask(labels)
-            out.append(cv2.resize(mask, (crop.shape[1], crop.shape[0]), interpolation=cv2.INTER_CUBIC))
+            out.append(pil_like_resize(self.mask(labels), (crop.shape[1], crop.shape[0]), cv2.INTER_CUBIC))
         return out
+
+
+def pil_like_resize(image: np.ndarray, size: tuple[int, int], enlarge: int) -> np.ndarray:
+    """``image`` resized to ``size`` (w, h) the way MuseTalk's PIL resizes come out: PIL's filters
+    average over every source pixel they cover when they shrink, for which ``INTER_AREA`` is cv2's
+    nearest match; when enlarging, ``enlarge`` (the same filter as PIL's) is used."""
+    shrink = size[0] < image.shape[1] or size[1] < image.shape[0]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else enlarge)
+
+
+def parse_input(crop: np.ndarray) -> np.ndarray:
+    """A crop resized to the parser's 512x512 (PIL's bilinear in MuseTalk)."""
+    return pil_like_resize(crop, (PARSE_SIZE, PARSE_SIZE), cv2.INTER_LINEAR)
 
 
 def geometric_mask(size: int, face: Box) -> np.ndarray:

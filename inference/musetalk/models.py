@@ -116,6 +116,11 @@ class MuseTalkModels:
         return int(self.whisper.config.d_model)
 
     @property
+    def version(self) -> str:
+        """The MuseTalk version the UNet was loaded as ("v15" unless loaded from v1's files)."""
+        return self.layout.version if self.layout is not None else "v15"
+
+    @property
     def vae_scaling(self) -> float:
         return float(getattr(self.vae.config, "scaling_factor", VAE_SCALING) or VAE_SCALING)
 

@@ -23,11 +23,12 @@ from inference.musetalk.face import (
     box_from_detection,
 )
 from inference.musetalk.featurizer import WhisperFeaturizer
-from inference.musetalk.masks import FaceParser
+from inference.musetalk.masks import CHEEK_WIDTH, EXPAND, UPPER_BOUNDARY, FaceParser
 from inference.musetalk.models import MuseTalkModels, load_models
 from inference.musetalk.prepare import prepare, read_frames
 
-PREPARATION_VERSION = "musetalk-v15-prep-2"  # 2: boxes tracked with inference.face
+# 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules
+PREPARATION_VERSION = "musetalk-v15-prep-3"
 DECODERS = ("sd-vae", "taesd")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -38,6 +39,10 @@ class MuseTalkRenderer(Renderer):
     ``render`` stacks the latents and audio windows of every request, whatever its session or
     avatar, runs the UNet once (t = 0, one step) and the decoder once, then blends each face into
     its own avatar frame.
+
+    Avatar preparation follows the loaded version's rules: v1.5 puts ``EXTRA_MARGIN`` (10 px) below
+    the chin and blends with "jaw" masks; v1 (``models.version == "v1"``) has no margin and "raw"
+    masks.
 
     ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the caller chooses (what
     ``inference.avatar_store.AvatarStore`` uses: ``<store root>/<id>/musetalk``);
@@ -69,6 +74,8 @@ class MuseTalkRenderer(Renderer):
         self.live_chunk_frames = live_chunk_frames
         self._detector = detector
         self.seed = seed
+        self.extra_margin = EXTRA_MARGIN if models.version == "v15" else 0
+        self.mask_mode = "jaw" if models.version == "v15" else "raw"
         self.audio = WhisperSteps(models.whisper, models.feature_extractor, models.device, models.dtype)
         self.timestep = torch.zeros((), device=models.device, dtype=torch.long)
 
@@ -99,9 +106,10 @@ class MuseTalkRenderer(Renderer):
         vae = self.models.vae.config
         key = {
             "prep": PREPARATION_VERSION,
-            "margin": EXTRA_MARGIN,
+            "margin": self.extra_margin,
             "seed": self.seed,
             "parsing": self.models.face_parser is not None,
+            "mask": [self.mask_mode, CHEEK_WIDTH, EXPAND, UPPER_BOUNDARY],
             "vae": {k: vae[k] for k in ("block_out_channels", "latent_channels", "scaling_factor") if k in vae},
             "vae_params": sum(p.numel() for p in self.models.vae.parameters()),
             "vae_probe": float(next(self.models.vae.parameters()).detach().float().flatten()[:16].sum()),
@@ -117,7 +125,7 @@ class MuseTalkRenderer(Renderer):
     @property
     def detector(self) -> FaceDetector:
         if self._detector is None:
-            self._detector = HaarFaceDetector()
+            self._detector = HaarFaceDetector(extra_margin=self.extra_margin)
         return self._detector
 
     def prepare_avatar_dir(
@@ -133,10 +141,10 @@ class MuseTalkRenderer(Renderer):
         ``face_box`` (x, y, w, h in the source's pixels) skips face detection."""
         detector = self.detector
         if face_box is not None:
-            detector = _fixed_face(face_box)
+            detector = _fixed_face(face_box, self.extra_margin)
         parser = None
         if self.models.face_parser is not None:
-            parser = FaceParser(self.models.face_parser, self.models.device)
+            parser = FaceParser(self.models.face_parser, self.models.device, mode=self.mask_mode)
         data = prepare(self.models, read_frames(source), detector, parser=parser, seed=self.seed)
         avatar = MuseTalkAvatar(avatar_id, name, data, self.preparation_version)
         save_avatar(Path(directory), avatar)
@@ -159,8 +167,8 @@ class MuseTalkRenderer(Renderer):
     # ----- audio -----
 
     def new_featurizer(self, mode: str | None = None) -> WhisperFeaturizer:
-        """Live features by default; ``mode="clip"`` waits for whole segments so that features are
-        exactly the whole-clip ones (the worker does not pass a mode yet)."""
+        """Live features by default (bounded look-ahead, see ``featurizer``); ``mode="clip"`` waits
+        for whole 30 s segments so that features are exactly the whole-clip ones."""
         return WhisperFeaturizer(
             self.audio,
             chunk_frames=self.live_chunk_frames,
@@ -195,7 +203,8 @@ class MuseTalkRenderer(Renderer):
         images: list[np.ndarray] = [a.data.frames[s] for a, s in zip(avatars, sources, strict=True)]
         for start in range(0, len(todo), self.max_batch):
             chunk = todo[start : start + self.max_batch]
-            latents = torch.stack([avatars[i].data.latents[sources[i]] for i in chunk])
+            device, dtype = self.models.device, self.models.dtype
+            latents = torch.stack([avatars[i].latents_on(device, dtype)[sources[i]] for i in chunk])
             features = torch.stack([_as_tensor(requests[i].features) for i in chunk])
             faces = self.infer(latents, features).cpu().numpy()
             for i, face in zip(chunk, faces, strict=True):
@@ -206,11 +215,11 @@ class MuseTalkRenderer(Renderer):
         return images
 
 
-def _fixed_face(face_box: tuple[float, float, float, float]) -> FaceDetector:
+def _fixed_face(face_box: tuple[float, float, float, float], extra_margin: int) -> FaceDetector:
     x, y, w, h = (round(v) for v in face_box)
 
     def detector(rgb: np.ndarray) -> Box | None:
-        return box_from_detection(x, y, w, h, rgb.shape[0])
+        return box_from_detection(x, y, w, h, rgb.shape[0], extra_margin)
 
     return detector
 

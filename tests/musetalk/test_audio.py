@@ -168,3 +168,59 @@ def test_take_more_than_ready_is_an_error() -> None:
     featurizer.push(step_ramp(640 * 2))
     with pytest.raises(ValueError):
         featurizer.take(1)
+
+
+def musetalk_reference(models: MuseTalkModels, audio: np.ndarray) -> torch.Tensor:
+    """MuseTalk v1.5's ``get_audio_feature`` + ``get_whisper_chunk`` restated step by step (fps 25,
+    padding 2 and 2): each 30 s segment through the feature extractor and the encoder on its own,
+    all hidden states stacked, segments joined, trimmed, 2 * 2 zero steps before and 2 * 3 * 2 after,
+    frame i takes 2 * (2 + 2 + 1) steps from step 2i, flattened step-major."""
+    segments = [audio[i : i + 480000] for i in range(0, len(audio), 480000)]
+    hidden = []
+    for segment in segments:
+        mel = models.feature_extractor(segment, return_tensors="pt", sampling_rate=16000).input_features
+        with torch.no_grad():
+            states = models.whisper(mel.to(models.dtype), output_hidden_states=True).hidden_states
+        hidden.append(torch.stack(states, dim=2))  # [1, 1500, 5, 384]
+    feature = torch.cat(hidden, dim=1)[:, : len(audio) // 320]
+    zeros = torch.zeros_like(feature[:, :1])
+    feature = torch.cat([zeros.expand(-1, 4, -1, -1), feature, zeros.expand(-1, 12, -1, -1)], dim=1)
+    prompts = [feature[:, 2 * i : 2 * i + 10] for i in range(len(audio) // 640)]
+    out = torch.cat(prompts, dim=0)  # [T, 10, 5, 384]
+    return out.reshape(out.shape[0], 10 * out.shape[2], out.shape[3])
+
+
+@pytest.mark.parametrize("seconds", [1.37, 30.0, 31.3])
+def test_clip_features_match_musetalk_with_the_real_encoder(models: MuseTalkModels, seconds: float) -> None:
+    """The whole path with the tiny whisper and its real feature extractor, across a segment
+    boundary too, against MuseTalk's algorithm written out independently."""
+    steps = WhisperSteps(models.whisper, models.feature_extractor, models.device, models.dtype)
+    audio = speech_like(seconds, seed=9)
+    ours = clip_features(steps, audio)
+    reference = musetalk_reference(models, audio)
+    assert ours.shape == reference.shape == (len(audio) // 640, 50, 384)
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+    # the zero padding: frame 0 starts with 4 zero steps (20 rows), the last frame ends past the audio
+    assert not ours[0, :20].any() and ours[0, 20:25].abs().sum() > 0
+    assert not ours[-1, -5:].any()
+
+
+
+def test_exact_mode_across_a_segment_boundary_with_the_real_encoder(models: MuseTalkModels) -> None:
+    """Clip streams release the first 30 s as soon as that segment is complete, and every feature
+    is the whole-clip one (so MuseTalk's too, see above)."""
+    steps = WhisperSteps(models.whisper, models.feature_extractor, models.device, models.dtype)
+    audio = speech_like(30.9, seed=11)
+    featurizer = WhisperFeaturizer(steps, exact=True)
+    out: list[torch.Tensor] = []
+    for chunk in np.array_split(audio, 40):
+        featurizer.push(chunk)
+        out += featurizer.take(featurizer.ready())
+    early = len(out)
+    featurizer.finish()
+    out += featurizer.take(featurizer.ready())
+    assert 740 <= early < 750  # up to the frames whose window needs steps of the second segment
+    whole = clip_features(steps, audio)
+    assert len(out) == len(whole) == len(audio) // 640
+    assert torch.allclose(torch.stack(out), whole, atol=1e-5, rtol=1e-5)
+    assert featurizer.encodes == 2

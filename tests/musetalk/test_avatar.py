@@ -137,3 +137,28 @@ def test_the_avatar_store_owns_the_folder(renderer: MuseTalkRenderer, tmp_path: 
     hint = (40.0, 30.0, 100.0, 100.0)
     hinted = renderer.prepare_avatar_dir(tmp_path / "hint", "h", "H", source, face_box=hint)
     assert hinted.data.boxes[0] == (40, 31, 140, 145)
+
+
+def test_v1_models_prepare_avatars_by_v1_rules(models_dir: Path, renderer: MuseTalkRenderer, tmp_path: Path) -> None:
+    """v1 has no extra margin below the chin and blends with "raw" parsing masks; an avatar
+    prepared for one version is not served to the other."""
+    from inference.musetalk import load_models
+
+    v1 = MuseTalkRenderer(load_models(models_dir, version="v1"), renderer.avatar_root)
+    assert (v1.extra_margin, v1.mask_mode) == (0, "raw")
+    assert (renderer.extra_margin, renderer.mask_mode) == (10, "jaw")
+    assert v1.detector.extra_margin == 0
+    source = write_image(tmp_path / "a.png", face_image(15))
+    hint = (40.0, 30.0, 100.0, 100.0)
+    old = v1.prepare_avatar_dir(tmp_path / "v1", "a", "A", source, face_box=hint)
+    new = renderer.prepare_avatar_dir(tmp_path / "v15", "a", "A", source, face_box=hint)
+    assert old.data.boxes[0] == (40, 31, 140, 135) and new.data.boxes[0] == (40, 31, 140, 145)
+    assert v1.preparation_version != renderer.preparation_version
+    assert v1.load_avatar_dir(tmp_path / "v15") is None and renderer.load_avatar_dir(tmp_path / "v1") is None
+
+
+def test_a_mask_that_does_not_fit_its_box_is_damage(renderer: MuseTalkRenderer, tmp_path: Path) -> None:
+    renderer.prepare_avatar("m", "M", str(write_image(tmp_path / "m.png", face_image(16))))
+    folder = renderer.avatar_root / "m" / "musetalk"
+    np.savez_compressed(folder / "masks.npz", m00000=np.zeros((10, 10), np.uint8))
+    assert renderer.load_avatar("m") is None

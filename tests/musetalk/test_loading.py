@@ -143,3 +143,42 @@ def test_loads_in_half_precision(models_dir: Path, dtype: str) -> None:
     models = load_models(models_dir, dtype=dtype)
     assert next(models.unet.parameters()).dtype is torch.bfloat16
     assert next(models.whisper.parameters()).dtype is torch.bfloat16
+
+
+def test_models_check_command(models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``musetalk-stream models check --dir``: exit 0 on a complete folder, 1 naming each missing
+    file otherwise."""
+    from stream_server.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["models", "check", "--dir", str(models_dir)])
+    assert done.value.code == 0 and "complete" in capsys.readouterr().out
+    root = copy_layout(models_dir, tmp_path / "models")
+    (root / "musetalkV15" / "unet.pth").unlink()
+    with pytest.raises(SystemExit) as done:
+        main(["models", "check", "--dir", str(root)])
+    assert done.value.code == 1 and str(root / "musetalkV15" / "unet.pth") in capsys.readouterr().err
+
+
+def test_download_fetches_exactly_the_layout_that_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``models download`` with huggingface_hub replaced by a stand-in (tests never reach the
+    network): every file lands where ``check_models`` looks, optional ones included."""
+    import huggingface_hub
+
+    from inference.musetalk import download_models
+
+    fetched: list[tuple[str, str]] = []
+
+    def fake_download(*, repo_id: str, filename: str, local_dir: Path) -> str:
+        fetched.append((repo_id, filename))
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    root = download_models(tmp_path / "models", taesd=True, v1=True)
+    assert check_models(root, face_parsing=True, taesd=True) == []
+    assert check_models(root, version="v1") == []
+    assert ("TMElyralab/MuseTalk", "musetalkV15/unet.pth") in fetched
+    assert ("openai/whisper-tiny", "preprocessor_config.json") in fetched

@@ -134,3 +134,95 @@ def test_mixed_batch_on_the_gpu(models_dir: Path, tmp_path: Path, dtype: str) ->
     requests = [FrameRequest(a, 0, feats[0]), FrameRequest(b, 0, feats[1]), FrameRequest(a, 0, feats[2])]
     for request, image in zip(requests, renderer.render(requests), strict=True):
         assert np.abs(image.astype(int) - renderer.render([request])[0].astype(int)).max() <= 2
+
+
+class RecordingVAE(torch.nn.Module):
+    """The tiny VAE's encoder, recorded; a decoder that returns a fixed picture: red channel 1.0,
+    green 0.0, blue -3.0 (out of range), so the [-1, 1] -> uint8 mapping, the clamp and the channel
+    order of the result can be read off the output."""
+
+    def __init__(self, real: torch.nn.Module) -> None:
+        super().__init__()
+        self.real = real
+        self.config = real.config
+        self.encoded: list[torch.Tensor] = []
+        self.decoded: list[torch.Tensor] = []
+
+    def encode(self, x: torch.Tensor):
+        self.encoded.append(x.clone())
+        return self.real.encode(x)
+
+    def decode(self, z: torch.Tensor):
+        from types import SimpleNamespace
+
+        self.decoded.append(z.clone())
+        image = torch.empty(z.shape[0], 3, 256, 256, dtype=z.dtype)
+        image[:, 0], image[:, 1], image[:, 2] = 1.0, 0.0, -3.0
+        return SimpleNamespace(sample=image)
+
+
+def test_decoded_faces_are_rgb_uint8_from_unscaled_latents(models, features, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    vae = RecordingVAE(models.vae)
+    renderer = MuseTalkRenderer(replace(models, vae=vae), tmp_path, detector=lambda f: FACE_BOX)
+    latents = torch.randn(2, 8, 32, 32)
+    faces = renderer.infer(latents, torch.stack(features[:2]))
+    # (x / 2 + 0.5).clamp(0, 1) * 255, rounded; no BGR flip: the frames are RGB
+    assert faces.shape == (2, 256, 256, 3) and faces.dtype == torch.uint8
+    assert faces.reshape(-1, 3).unique(dim=0).tolist() == [[255, 128, 0]]
+    # the UNet ran once at t = 0 on the positional-encoded audio; the decoder got pred / 0.18215
+    audio = models.positional(torch.stack(features[:2]))
+    pred = models.unet(latents, torch.tensor([0]), encoder_hidden_states=audio).sample
+    assert torch.allclose(vae.decoded[0], pred / 0.18215, atol=1e-5)
+    # pasted into an RGB frame where the mask is full, the face is exactly that colour
+    avatar = renderer.prepare_avatar("c", "C", str(write_image(tmp_path / "c.png", face_image(3))))
+    out = renderer.render([FrameRequest(avatar, 0, features[0])])[0]
+    full = avatar.alphas[0][..., 0] == 1.0
+    assert full.sum() > 100
+    x1, y1, x2, y2 = FACE_BOX
+    assert (out[y1:y2, x1:x2][full] == [255, 128, 0]).all()
+
+
+def test_the_vae_sees_rgb_crops_in_minus_one_to_one_with_the_lower_half_black(models, tmp_path: Path) -> None:
+    """The masked and reference images MuseTalk encodes (``get_latents_for_unet``): the 256x256
+    RGB crop scaled to [-1, 1], the masked one with rows 128-255 at -1; latents are a sample of the
+    posterior (mean + std * noise from the seeded generator) times 0.18215."""
+    from dataclasses import replace
+
+    vae = RecordingVAE(models.vae)
+    renderer = MuseTalkRenderer(replace(models, vae=vae), tmp_path, detector=lambda f: FACE_BOX, seed=5)
+    frame = np.zeros((180, 200, 3), np.uint8)
+    frame[..., 0] = 255  # pure red in RGB
+    frame[..., 2] = 51
+    avatar = renderer.prepare_avatar("red", "Red", str(write_image(tmp_path / "r.png", frame)))
+    (pair,) = vae.encoded
+    masked, whole = pair[0], pair[1]
+    assert torch.allclose(whole[0], torch.ones(256, 256)) and torch.allclose(whole[1], -torch.ones(256, 256))
+    assert torch.allclose(whole[2], torch.full((256, 256), 51 / 127.5 - 1))
+    assert torch.equal(masked[:, :128], whole[:, :128])
+    assert (masked[:, 128:] == -1).all()
+    posterior = models.vae.encode(pair).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(5))
+    sample = (posterior.mean + posterior.std * noise) * 0.18215
+    expected = torch.cat([sample[:1], sample[1:]], dim=1)[0]
+    assert torch.allclose(avatar.data.latents[0], expected, atol=1e-5)
+    assert not torch.allclose(avatar.data.latents[0, :4], posterior.mean[0] * 0.18215, atol=1e-3)
+
+
+def test_bf16_render_on_the_cpu_is_close_to_fp32(models_dir: Path, models, features, tmp_path: Path) -> None:
+    """The dtype comes from the configuration and reaches every network, the avatar latents too."""
+    half = load_models(models_dir, device="cpu", dtype="bf16")
+    fast = MuseTalkRenderer(half, tmp_path / "h", detector=lambda f: FACE_BOX)
+    full = MuseTalkRenderer(models, tmp_path / "f", detector=lambda f: FACE_BOX)
+    source = str(write_image(tmp_path / "a.png", face_image(2)))
+    a16, a32 = fast.prepare_avatar("a", "A", source), full.prepare_avatar("a", "A", source)
+    assert a16.data.latents.dtype is torch.bfloat16 and fast.preparation_version != full.preparation_version
+    assert a16.latents_on(torch.device("cpu"), torch.float32).dtype is torch.float32
+    assert a16.latents_on(torch.device("cpu"), torch.float32) is a16.latents_on(torch.device("cpu"), torch.float32)
+    feats16 = fast.clip_features(speech_like(0.3))
+    assert feats16[0].dtype is torch.bfloat16
+    img16 = fast.render([FrameRequest(a16, 0, feats16[3])])[0]
+    img32 = full.render([FrameRequest(a32, 0, full.clip_features(speech_like(0.3))[3])])[0]
+    diff = np.abs(img16.astype(int) - img32.astype(int))
+    assert diff.mean() < 4
