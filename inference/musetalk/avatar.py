@@ -143,8 +143,7 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
         boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]  # type: ignore[misc]
         with np.load(folder / "masks.npz", allow_pickle=False) as stored:
             alphas = [
-                stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None
-                for i in range(n)
+                stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None for i in range(n)
             ]
         data = AvatarData(
             frames=np.stack(frames),

@@ -26,9 +26,7 @@ CHIN = 1.05
 EXTRA_MARGIN = 10
 
 
-def box_from_detection(
-    x: int, y: int, w: int, h: int, frame_height: int, extra_margin: int = EXTRA_MARGIN
-) -> Box:
+def box_from_detection(x: int, y: int, w: int, h: int, frame_height: int, extra_margin: int = EXTRA_MARGIN) -> Box:
     """The v1.5 box rule applied to landmark positions estimated from a detector box."""
     nose = y + NOSE * h
     chin = y + CHIN * h
@@ -41,9 +39,7 @@ class HaarFaceDetector:
     """The main face found by the shared Haar detector, turned into a MuseTalk box. ``track``
     follows the face through a video, searching near the previous frame's face first."""
 
-    def __init__(
-        self, detector: SharedFaceDetector | None = None, *, extra_margin: int = EXTRA_MARGIN
-    ) -> None:
+    def __init__(self, detector: SharedFaceDetector | None = None, *, extra_margin: int = EXTRA_MARGIN) -> None:
         self.detector = detector or SharedFaceDetector(min_neighbors=5, min_face=0.1)
         self.extra_margin = extra_margin
 

@@ -150,9 +150,7 @@ class MuseTalkRenderer(Renderer):
         save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
 
-    def load_avatar_dir(
-        self, directory: Path, *, allow_stale: bool = False
-    ) -> MuseTalkAvatar | None:
+    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> MuseTalkAvatar | None:
         """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
         code or models, unless ``allow_stale``)."""
         avatar = load_avatar(Path(directory), None if allow_stale else self.preparation_version)

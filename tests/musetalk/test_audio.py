@@ -205,7 +205,6 @@ def test_clip_features_match_musetalk_with_the_real_encoder(models: MuseTalkMode
     assert not ours[-1, -5:].any()
 
 
-
 def test_exact_mode_across_a_segment_boundary_with_the_real_encoder(models: MuseTalkModels) -> None:
     """Clip streams release the first 30 s as soon as that segment is complete, and every feature
     is the whole-clip one (so MuseTalk's too, see above)."""

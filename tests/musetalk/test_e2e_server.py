@@ -61,10 +61,20 @@ async def test_slots_come_from_the_measured_render_rate(tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_tiny_models(models)
     with run_server(
-        tmp_path, MTS_ENGINE__KIND="musetalk", MTS_ENGINE__MODELS_DIR=str(models), MTS_ENGINE__DEVICE="cpu",
-        MTS_ENGINE__DTYPE="fp32", MTS_ENGINE__SLOTS="0", MTS_ENGINE__MAX_SLOTS="1000",
+        tmp_path,
+        MTS_ENGINE__KIND="musetalk",
+        MTS_ENGINE__MODELS_DIR=str(models),
+        MTS_ENGINE__DEVICE="cpu",
+        MTS_ENGINE__DTYPE="fp32",
+        MTS_ENGINE__SLOTS="0",
+        MTS_ENGINE__MAX_SLOTS="1000",
     ) as server:
         slots = server.get("/v1/queue").json()["slots"]["total"]
-        measured = float(next(line.split("measured ")[1].split(" ")[0] for line in server.log().splitlines()
-                              if "frames/s: admitting" in line))
+        measured = float(
+            next(
+                line.split("measured ")[1].split(" ")[0]
+                for line in server.log().splitlines()
+                if "frames/s: admitting" in line
+            )
+        )
         assert slots == max(1, int(measured * 0.8 / 25))
