@@ -234,3 +234,41 @@ def test_command_line_client_reports_errors(server: RunningServer, tmp_path: Pat
     )
     assert result.returncode == 1 and "bad_audio" in result.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+def gauge(server: RunningServer, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", server.get("/metrics").text, re.M)
+    return float(match.group(1)) if match else float("nan")
+
+
+async def test_clients_vanishing_at_every_stage_leak_nothing(tmp_path: Path) -> None:
+    with run_server(tmp_path, MTS_ENGINE__SLOTS="2", MTS_QUEUE__RESUME_GRACE_S="0.5",
+                    MTS_LIMITS__START_BURST="1000") as server:
+        audio = tone_wav(3.0)
+        for round_ in range(6):
+            clients = []
+            for i in range(5):
+                client = await Client.connect(server)
+                await client.hello(mint(f"ghost-{i}", "normal"))
+                await client.send("start", **CLIP)
+                if i % 2 == 0:
+                    await client.ws.send(audio[: len(audio) // 2])
+                else:
+                    await client.ws.send(audio)
+                    await client.send("audio_end")
+                clients.append(client)
+            await asyncio.sleep(0.05 * round_)
+            for client in clients:
+                client.ws.transport.abort()
+        await asyncio.sleep(2.0)
+        assert gauge(server, "mts_connections") == 0
+        assert gauge(server, "mts_sessions_active") == 0
+        summary = server.get("/v1/queue").json()
+        assert summary["slots"]["busy"] == 0 and all(t["size"] == 0 for t in summary["tiers"].values())
+        client = await Client.connect(server)
+        await client.hello(mint("ghost-0", "normal"))
+        await client.send("start", **CLIP)
+        await client.ws.send(tone_wav(0.4))
+        await client.send("audio_end")
+        assert (await client.expect("done", "error"))["type"] == "done"
+        await client.close()
