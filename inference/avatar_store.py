@@ -104,7 +104,12 @@ class AvatarStore:
             validate_avatar_id(avatar_id)
         except InvalidAvatarId:
             return None
-        return next((i for i in self.list() if i.id == avatar_id), None)
+        with self._lock:
+            preparing = self._preparing.get(avatar_id)
+        if preparing is not None:
+            return _replace_ready(preparing, False)
+        meta = self._read_store_meta(self.root / avatar_id)
+        return None if meta is None else _info(meta, ready=True)
 
     def is_preparing(self, avatar_id: str) -> bool:
         with self._lock:

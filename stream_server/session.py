@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
+from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS, AvatarInfo
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.admission.backend import Grant
 from stream_server.admission.policy import IdentityBusy, QueueFull
@@ -192,7 +192,7 @@ class Session:
         wait = self.node.start_limiter.allow(self.identity.key, time.monotonic())
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many start messages", retry_after_s=wait)
-        avatar = self.node.engine.avatars.info(message.avatar)
+        avatar = await asyncio.to_thread(self.node.engine.avatars.info, message.avatar)
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
         spec = message.audio
@@ -242,15 +242,15 @@ class Session:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
             if request.start.transport == "mse":
-                request.clip_key = self._clip_key(request)
+                avatar = await asyncio.to_thread(self.node.engine.avatars.info, request.start.avatar)
+                request.clip_key = self._clip_key(request, avatar)
             if request.clip_key and not request.media_started and self.node.clips.exists(request.clip_key):
                 await self._serve_cached(request)
                 return
         request.deliver(pcm)
         request.deliver(None)
 
-    def _clip_key(self, request: Request) -> str:
-        avatar = self.node.engine.avatars.info(request.start.avatar)
+    def _clip_key(self, request: Request, avatar: AvatarInfo | None) -> str:
         stream = self.node.settings.stream
         return clip_key(
             engine=self.node.engine.name,
