@@ -111,6 +111,13 @@ class AvatarStore:
         meta = self._read_store_meta(self.root / avatar_id)
         return None if meta is None else _info(meta, ready=True)
 
+    def revision(self, avatar_id: str) -> str | None:
+        """Changes whenever the avatar is prepared again (what a cache of its clips keys on)."""
+        try:
+            return str((self.root / validate_avatar_id(avatar_id) / STORE_FILE).stat().st_mtime_ns)
+        except (InvalidAvatarId, OSError):
+            return None
+
     def is_preparing(self, avatar_id: str) -> bool:
         with self._lock:
             return avatar_id in self._preparing

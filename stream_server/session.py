@@ -15,7 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS, AvatarInfo
+from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.admission.backend import Grant
 from stream_server.admission.policy import IdentityBusy, QueueFull
@@ -242,20 +242,20 @@ class Session:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
             if request.start.transport == "mse":
-                avatar = await asyncio.to_thread(self.node.engine.avatars.info, request.start.avatar)
-                request.clip_key = self._clip_key(request, avatar)
+                revision = await asyncio.to_thread(self.node.engine.avatars.revision, request.start.avatar)
+                request.clip_key = self._clip_key(request, revision)
             if request.clip_key and not request.media_started and self.node.clips.exists(request.clip_key):
                 await self._serve_cached(request)
                 return
         request.deliver(pcm)
         request.deliver(None)
 
-    def _clip_key(self, request: Request, avatar: AvatarInfo | None) -> str:
+    def _clip_key(self, request: Request, avatar_revision: str | None) -> str:
         stream = self.node.settings.stream
         return clip_key(
             engine=self.node.engine.name,
             avatar=request.start.avatar,
-            avatar_info=avatar,
+            avatar_revision=avatar_revision,
             audio=request.audio.digest,
             audio_spec=request.audio.spec.model_dump(),
             segment_s=stream.segment_s,

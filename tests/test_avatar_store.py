@@ -381,3 +381,12 @@ def test_switching_engines_prepares_from_the_stored_source(tmp_path: Path) -> No
     ]
     # and back: the lite data is still there, nothing to prepare
     assert AvatarStore(tmp_path, lite).get("nora") is not None and lite.prepared == 1
+
+
+def test_preparing_again_changes_the_revision_clip_caches_key_on(store: AvatarStore) -> None:
+    assert store.revision("alice") is None and store.revision("../x") is None
+    store.prepare("alice", "Alice", ASSET)
+    first = store.revision("alice")
+    assert first is not None and store.info("alice") is not None
+    store.prepare("alice", "Alice", ASSET)
+    assert store.revision("alice") not in (None, first)
