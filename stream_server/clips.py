@@ -39,6 +39,7 @@ class ClipWriter:
         self._file.close()
         final = self.store.path(self.key)
         os.replace(self._tmp, final)
+        self.store.evict()
         return final
 
     def discard(self) -> None:
@@ -47,8 +48,11 @@ class ClipWriter:
 
 
 class ClipStore:
-    def __init__(self, root: Path) -> None:
+    """Clips under ``root``, at most ``max_bytes`` of them: the least recently written go first."""
+
+    def __init__(self, root: Path, max_bytes: int = 10 << 30) -> None:
         self.root = Path(root)
+        self.max_bytes = max_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".part-*"):
             leftover.unlink(missing_ok=True)
@@ -63,6 +67,20 @@ class ClipStore:
 
     def writer(self, key: str) -> ClipWriter:
         return ClipWriter(self, key)
+
+    def evict(self) -> list[str]:
+        """Delete the oldest clips (and their sidecars) until the store fits ``max_bytes``."""
+        clips = sorted((p.stat().st_mtime_ns, p) for p in self.root.glob("*.mp4") if KEY_RE.match(p.stem))
+        total = sum(p.stat().st_size for _, p in clips)
+        removed: list[str] = []
+        for _, path in clips:
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            path.with_suffix(".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            removed.append(path.stem)
+        return removed
 
     @staticmethod
     def url(key: str) -> str:

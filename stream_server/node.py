@@ -54,7 +54,7 @@ class Node:
                 data_dir=data,
             )
         )
-        self.clips = ClipStore(data / "clips")
+        self.clips = ClipStore(data / "clips", settings.stream.clip_cache_bytes)
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))

@@ -103,6 +103,7 @@ class StreamSettings(BaseModel):
     video_crf: int = 23
     x264_preset: str = "superfast"
     ice_servers: list[IceServer] = Field(default_factory=list)
+    clip_cache_bytes: int = 10 << 30
     webrtc_offer_timeout_s: float = 20.0
     audio_bitrate: int = 64000
 

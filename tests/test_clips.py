@@ -1,0 +1,49 @@
+"""The clip store keeps whole clips only, and no more bytes than it is given."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stream_server.clips import ClipStore, clip_key
+
+
+def write(store: ClipStore, key: str, size: int, when: int) -> None:
+    writer = store.writer(key)
+    writer.write(b"\0" * size)
+    store.path(key).with_suffix(".json").write_text("{}")
+    path = writer.commit()
+    os.utime(path, ns=(when, when))
+
+
+def test_oldest_clips_are_evicted_beyond_the_limit(tmp_path: Path) -> None:
+    store = ClipStore(tmp_path, max_bytes=2500)
+    keys = [clip_key(n=i) for i in range(3)]
+    for i, key in enumerate(keys[:2]):
+        write(store, key, 1000, when=10**18 + i)
+    assert all(store.exists(k) for k in keys[:2])
+    write(store, keys[2], 1000, when=10**18 + 5)
+    assert not store.exists(keys[0]) and store.exists(keys[1]) and store.exists(keys[2])
+    assert not store.path(keys[0]).with_suffix(".json").exists()
+
+
+def test_unfinished_clips_are_invisible_and_cleaned(tmp_path: Path) -> None:
+    store = ClipStore(tmp_path)
+    key = clip_key(n=1)
+    writer = store.writer(key)
+    writer.write(b"partial")
+    assert not store.exists(key)
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []
+    store.writer(key).write(b"crash")
+    ClipStore(tmp_path)
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".part-")] == []
+
+
+def test_keys_are_validated(tmp_path: Path) -> None:
+    store = ClipStore(tmp_path)
+    assert not store.exists("../../etc/passwd")
+    with pytest.raises(KeyError):
+        store.path("../x")
