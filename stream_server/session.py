@@ -272,9 +272,7 @@ class Session:
             self.node.forget_waiting(request.ticket_id)
             self.outbox.set_status(None)
         elif request.task is not None:
-            request.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await request.task
+            await self._stop_serving(request)
         assert request.clip_key is not None
         path = self.node.clips.path(request.clip_key)
         frames = await send_cached_clip(path, self.outbox, self.node.settings.limits.max_message_bytes)
@@ -459,9 +457,16 @@ class Session:
         if request.stream is not None:
             request.stream.cancel()
         if request.task is not None and request.task is not asyncio.current_task():
-            request.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await request.task
+            await self._stop_serving(request)
+
+    async def _stop_serving(self, request: Request) -> None:
+        """Cancel the serving task and give the slot back. A task cancelled before its first step
+        never runs its own ``finally``, so the slot is released here too (release is idempotent)."""
+        assert request.task is not None
+        request.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await request.task
+        await self.node.release(request.ticket_id, served=False, mode=request.start.mode)
 
     async def disconnected(self) -> None:
         """The socket closed: park a queued request for resume; stop anything else at once."""
