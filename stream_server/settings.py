@@ -62,6 +62,7 @@ class QueueSettings(BaseModel):
     heartbeat_s: float = 5.0
     coalesce_s: float = 0.25
     retry_after_s: float = 10.0
+    overtake_reserve: float = 0.5
     tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
 
     def tier(self, name: str) -> TierSettings:

@@ -423,12 +423,6 @@ def higher_tier_load(tiers: tuple[str, ...], until: float) -> list[tuple[float, 
     return [j for t in tiers for j in every(t, *period[t], until)]
 
 
-LATE_TICKETS = (
-    "policy bug: a lower-tier ticket is admitted while its estimated wait is up to its max_wait_s, "
-    "which counts only the work ahead of it at that moment; a vip admitted later overtakes it "
-    "(deadline earlier) and pushes it past its own deadline, and the overdue lower-tier tickets "
-    "then count ahead of every later vip, whose estimate goes over vip.max_wait_s"
-)
 
 
 @pytest.mark.parametrize(
@@ -443,8 +437,6 @@ LATE_TICKETS = (
             ("vip", "normal"),
             791.5,
             id="vip+normal-load-late-normals",
-            # waits 1218.5 s: normals ahead of it are late themselves (see the xfail tests below)
-            marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_TICKETS),
         ),
     ],
 )
@@ -464,8 +456,8 @@ async def test_admitted_low_ticket_is_granted_within_its_max_wait_under_sustaine
     # (normals: less than low.max_wait_s - normal.max_wait_s). Nothing overtakes a vip, so each is
     # granted by its deadline, at the latest just before the low ticket's, and still holds the
     # slot for up to one SERVICE when that deadline passes. Normals have no such guarantee (vips
-    # admitted after them overtake them), so under vip+normal load the bound holds only where
-    # the normals ahead happen to be on time: the xfail case is one where they are not.
+    # admitted after them overtake them); admission keeps a reserve for that overtaking and refuses
+    # a join that would make a waiting ticket late, so the normals ahead are on time too.
     assert waited <= w["low"] + SERVICE, f"the low ticket waited {waited} s"
     # the load was real: higher tiers overtook it for the whole window, and joins were turned away
     assert waited >= w["low"] - w["vip"]
@@ -505,7 +497,6 @@ async def test_an_admitted_vip_is_granted_within_its_max_wait_under_any_load():
     assert {out.tier[tid] for tid in out.granted} == set(TIERS)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_TICKETS)
 async def test_vip_is_not_refused_while_normal_joins_are_admitted():
     # Sustained normal load (2x what the slot serves) and an occasional vip (1/6 of it). Found:
     # from t=962.5 on every vip is refused (all 33 after t=1000, estimates up to ~200 s) while
@@ -523,7 +514,6 @@ async def test_vip_is_not_refused_while_normal_joins_are_admitted():
     assert vip_out == [], f"{len(vip_out)} vips refused while normal joins were admitted"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_TICKETS)
 async def test_an_admitted_normal_ticket_is_not_pushed_past_its_max_wait_by_later_vips():
     # One slot, vip 20 s, normal 100 s. Ten normals join at t=10 with estimates 0..90 s (all under
     # 100); then one vip 0.5 s after each grant, never more than the slot serves. Each vip is
@@ -591,16 +581,21 @@ async def test_join_over_the_tiers_max_wait_is_refused_with_retry_after():
     assert "estimated wait" in info.value.reason
     assert waiting_ids(q, 10.0) == ["t0", "t1", "t2"]
     assert "u3" not in q.identities
-    # the estimate is of the place the ticket would take: a vip is due (t=30) before the normals
-    # (t=45), so only the busy slot is ahead of it (10 s, under its 20 s); a low ticket is due
-    # after them (40 s, under its 900 s). Both are admitted where the normal was not.
-    await q.join("v", "u3", "vip", "a", 10.0)
-    assert waiting_ids(q, 10.0) == ["v", "t0", "t1", "t2"]
-    assert (await q.view(10.0)).eta_s[0] == pytest.approx(10.0)
-    await q.leave("v")
+    # a vip is due (t=30) before the normals (t=45): only the busy slot is ahead of it (10 s, under
+    # its 20 s), but it would push t2 from 40 s to 50 s, past t2's deadline: refused, so that
+    # tickets already waiting keep their maximum wait. A low ticket is due after them (40 s, under
+    # its 900 s) and is admitted where the normal was not.
+    with pytest.raises(QueueFull) as late:
+        await q.join("v", "u3", "vip", "a", 10.0)
+    assert "miss their maximum wait" in late.value.reason
     await q.join("l", "u3", "low", "a", 10.0)
     assert (await q.view(10.0)).eta_s[-1] == pytest.approx(40.0)
     await q.leave("l")
+    await q.leave("t2")
+    await q.join("v", "u3", "vip", "a", 10.0)
+    assert waiting_ids(q, 10.0) == ["v", "t0", "t1"]
+    assert (await q.view(10.0)).eta_s[0] == pytest.approx(10.0)
+    await q.leave("v")
     # and the refused client gets in once the line has moved
     await q.release("busy", 20.0)
     await q.grant(20.0)

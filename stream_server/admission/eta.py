@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -57,3 +58,23 @@ def estimate_waits(
         waits.append(work / slots)
         work += times.mean(tier) or 0.0
     return waits
+
+
+class OfferedWork:
+    """Work (slot-seconds a second) each tier has recently asked for, admitted or not, decaying
+    over ``horizon_s``: how much higher-tier work is expected to overtake a ticket while it waits.
+    Refused joins count too, or refusing a tier would shrink its reserve and refuse it further."""
+
+    def __init__(self, horizon_s: float = 300.0) -> None:
+        self.horizon_s = horizon_s
+        self._work: dict[str, tuple[float, float]] = {}
+
+    def add(self, tier: str, seconds: float, now: float) -> None:
+        self._work[tier] = (self._decayed(tier, now) + seconds, now)
+
+    def rate(self, tier: str, now: float) -> float:
+        return self._decayed(tier, now) / self.horizon_s
+
+    def _decayed(self, tier: str, now: float) -> float:
+        value, since = self._work.get(tier, (0.0, now))
+        return value * math.exp(-max(0.0, now - since) / self.horizon_s)

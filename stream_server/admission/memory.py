@@ -11,7 +11,7 @@ import itertools
 from sortedcontainers import SortedList
 
 from stream_server.admission.backend import AdmissionQueue, Grant, QueueView
-from stream_server.admission.eta import ServiceTimes, estimate_waits
+from stream_server.admission.eta import OfferedWork, ServiceTimes, estimate_waits
 from stream_server.admission.policy import Admission, Ticket, TierPolicy
 from stream_server.settings import QueueSettings
 
@@ -22,6 +22,7 @@ class MemoryAdmissionQueue(AdmissionQueue):
         self.settings = settings
         self.slots_total = slots
         self.times = ServiceTimes()
+        self.offered = OfferedWork()
         self._seq = itertools.count()
         self._waiting: SortedList = SortedList(key=lambda t: t.order)
         self._by_id: dict[str, Ticket] = {}
@@ -45,11 +46,26 @@ class MemoryAdmissionQueue(AdmissionQueue):
         else:
             self._identity.pop(identity, None)
 
-    def _eta_for_new(self, tier: str, now: float) -> float | None:
+    def _estimate_join(self, tier: str, now: float) -> tuple[float | None, bool]:
+        """The estimated wait of a ticket joining now (with the reserve for higher-tier work that
+        will overtake it), and whether its joining would make an on-time waiting ticket late."""
         key = self.policy.order_key(tier, now)
-        ahead = [t.tier for t in self._waiting.irange(maximum=None) if t.key <= key]
-        waits = estimate_waits([*ahead, tier], self._busy_elapsed(now), self.slots_total, self.times)
-        return waits[-1]
+        line = list(self._waiting)
+        at = next((i for i, t in enumerate(line) if t.key > key), len(line))
+        busy = self._busy_elapsed(now)
+        before = estimate_waits([t.tier for t in line], busy, self.slots_total, self.times)
+        after = estimate_waits(
+            [t.tier for t in line[:at]] + [tier] + [t.tier for t in line[at:]], busy, self.slots_total, self.times
+        )
+        wait = after[at]
+        if wait is None:
+            return None, False
+        delays = any(
+            now + (after[i + 1] or 0.0) > t.key >= now + (before[i] or 0.0)
+            for i, t in enumerate(line[at:], start=at)
+        )
+        rates = {other: self.offered.rate(other, now) for other in self.settings.tiers}
+        return wait + self.policy.overtake_reserve(tier, rates, self.slots_total), delays
 
     def _busy_elapsed(self, now: float) -> list[tuple[str, float]]:
         return [(t.tier, now - since) for t, since in self._busy.values()]
@@ -66,13 +82,16 @@ class MemoryAdmissionQueue(AdmissionQueue):
         # Detached tickets keep their place for the resume grace, so they count against the caps:
         # otherwise resuming them could take the line over the global or the tier cap.
         held = [t for tid, (t, _) in self._detached.items() if tid not in superseded]
+        self.offered.add(tier, self.times.mean(tier) or 0.0, now)
+        eta, delays = self._estimate_join(tier, now)
         self.policy.check(
             tier,
             Admission(
                 waiting_total=len(self._waiting) + len(held),
                 waiting_in_tier=self._tier_count(tier) + sum(1 for t in held if t.tier == tier),
                 identity_active=self._identity.get(identity, 0),
-                eta_s=self._eta_for_new(tier, now),
+                eta_s=eta,
+                delays_waiting=delays,
             ),
         )
         for tid in superseded:

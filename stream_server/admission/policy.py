@@ -9,6 +9,12 @@ ticket admitted is served by its deadline as long as the estimates hold. (A fixe
 that is not the difference of the maximum waits either lets a full lower-tier line block higher
 tiers at admission, or lets higher-tier load push a lower tier past its maximum.)
 Keys never change, so a waiting ticket only moves back when a ticket with a smaller key joins.
+
+Admission keeps those deadlines (by the estimates): a join is refused when its own estimated wait,
+plus a reserve for the higher-tier work expected to overtake it (at most ``overtake_reserve`` of its
+maximum wait), is over its tier's maximum, or when it would push a ticket that is still on time past
+its deadline. Higher tiers thus come first, and under any sustained load a lower-tier ticket that
+was admitted is still served in time: the excess is refused at the door, in whichever tier it is.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class Ticket:
         return (self.key, self.seq)
 
 
+OVERTAKE_SAFETY = 1.5
+
+
 class QueueFull(Exception):
     def __init__(self, reason: str, retry_after_s: float) -> None:
         super().__init__(reason)
@@ -54,6 +63,7 @@ class Admission:
     waiting_in_tier: int
     identity_active: int
     eta_s: float | None
+    delays_waiting: bool = False
 
 
 class TierPolicy:
@@ -80,6 +90,25 @@ class TierPolicy:
                 f"({cfg.max_wait_s:.0f} s)",
                 retry,
             )
+        if state.delays_waiting:
+            raise QueueFull(
+                "the line is full: admitting this request would make requests already waiting miss their "
+                "maximum wait",
+                retry,
+            )
+
+    def overtake_reserve(self, tier: str, offered: Mapping[str, float], slots: int) -> float:
+        """Seconds of a new ticket's maximum wait held back for higher-tier work that will join
+        later and overtake it: tiers with shorter maximum waits, at the rate they are offered
+        (slot-seconds a second), over the window in which they can overtake, times
+        ``OVERTAKE_SAFETY`` for bursts; at most ``overtake_reserve`` of the maximum wait."""
+        max_wait = self.settings.tier(tier).max_wait_s
+        work = sum(
+            offered.get(other, 0.0) * (max_wait - cfg.max_wait_s)
+            for other, cfg in self.settings.tiers.items()
+            if cfg.max_wait_s < max_wait
+        )
+        return min(OVERTAKE_SAFETY * work / max(1, slots), self.settings.overtake_reserve * max_wait)
 
     def retry_after(self, eta_s: float | None) -> float:
         if eta_s is None:
