@@ -37,9 +37,24 @@ async def run_clip(server: RunningServer, payload: bytes, sub: str, **start: obj
     return client
 
 
+def gauge(server: RunningServer, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", server.get("/metrics").text, re.M)
+    return float(match.group(1)) if match else float("nan")
+
+
 def frames_total(server: RunningServer) -> float:
-    match = re.search(r"^mts_frames_total (\S+)$", server.get("/metrics").text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return gauge(server, "mts_frames_total")
+
+
+async def start_long_clip(server: RunningServer, sub: str) -> Client:
+    """A 25 s clip whose first media segment has arrived: the stream is mid-way."""
+    client = await Client.connect(server)
+    await client.hello(mint(sub, "normal"))
+    await client.send("start", **CLIP)
+    await client.ws.send(tone_wav(25.0))
+    await client.send("audio_end")
+    await client.expect("stream", timeout=60)
+    return client
 
 
 async def test_clip_streams_a_playable_lip_synced_video(server: RunningServer) -> None:
@@ -140,12 +155,7 @@ async def test_webrtc_offer_before_grant_is_not_granted(server: RunningServer) -
 
 async def test_disconnect_while_streaming_frees_the_slot_and_stops_the_worker(server: RunningServer) -> None:
     before = frames_total(server)
-    client = await Client.connect(server)
-    await client.hello(mint("kim", "normal"))
-    await client.send("start", **CLIP)
-    await client.ws.send(tone_wav(25.0))
-    await client.send("audio_end")
-    await client.expect("stream", timeout=60)
+    client = await start_long_clip(server, "kim")
     client.ws.transport.abort()
     await asyncio.sleep(0.5)
     assert server.get("/v1/queue").json()["slots"]["busy"] == 0
@@ -156,12 +166,7 @@ async def test_disconnect_while_streaming_frees_the_slot_and_stops_the_worker(se
 
 
 async def test_cancel_while_streaming_keeps_the_socket_usable(server: RunningServer) -> None:
-    client = await Client.connect(server)
-    await client.hello(mint("leo", "normal"))
-    await client.send("start", **CLIP)
-    await client.ws.send(tone_wav(25.0))
-    await client.send("audio_end")
-    await client.expect("stream", timeout=60)
+    client = await start_long_clip(server, "leo")
     await client.send("cancel")
     await client.send("ping", id="after-cancel")
     assert (await client.expect("pong"))["id"] == "after-cancel"
@@ -234,11 +239,6 @@ def test_command_line_client_reports_errors(server: RunningServer, tmp_path: Pat
     )
     assert result.returncode == 1 and "bad_audio" in result.stderr
     assert not (tmp_path / "out.mp4").exists()
-
-
-def gauge(server: RunningServer, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", server.get("/metrics").text, re.M)
-    return float(match.group(1)) if match else float("nan")
 
 
 async def test_clients_vanishing_at_every_stage_leak_nothing(tmp_path: Path) -> None:
