@@ -28,8 +28,9 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 test: setup-test ## run the whole test suite
 	$(BIN)/python -m pytest -q
 
-lint: setup-test
+lint: setup-test ## ruff on everything, mypy strict on the server and the engines
 	$(BIN)/ruff check stream_server inference bench tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) var

@@ -37,7 +37,7 @@ def test_unfinished_clips_are_invisible_and_cleaned(tmp_path: Path) -> None:
     assert not store.exists(key)
     writer.discard()
     assert list(tmp_path.iterdir()) == []
-    store.writer(key).write(b"crash")
+    (tmp_path / ".part-crashed.mp4").write_bytes(b"left by a crash")
     ClipStore(tmp_path)
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".part-")] == []
 

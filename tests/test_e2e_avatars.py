@@ -54,7 +54,6 @@ def test_an_upload_that_is_not_a_picture_never_becomes_ready(server: RunningServ
 
 
 @pytest.mark.assets
-@pytest.mark.skipif(not (ASSETS / "yongen.mp4").is_file(), reason="../shared/assets is not present")
 async def test_avatar_from_the_real_face_video_speaks_the_real_speech(server: RunningServer) -> None:
     video = (ASSETS / "yongen.mp4").read_bytes()
     response = httpx.post(server.url + "/v1/avatars?id=yongen&name=Yongen", content=video,

@@ -14,20 +14,6 @@ from inference.musetalk.models import MuseTalkModels
 from inference.musetalk.tiny import write_tiny_models
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _quiet() -> None:
     for name in ("diffusers", "transformers"):

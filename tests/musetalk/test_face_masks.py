@@ -84,7 +84,7 @@ def test_jaw_kernel_shape() -> None:
     assert kernel[:10].sum() == 0 and kernel[10, 16] == 1 and kernel[20].sum() == 21 and kernel[32].sum() == 21
 
 
-@pytest.mark.skipif(not (ASSETS / "yongen.mp4").is_file(), reason="../shared/assets/yongen.mp4 is absent")
+@pytest.mark.assets
 def test_haar_detector_on_a_real_video_frame() -> None:
     capture = cv2.VideoCapture(str(ASSETS / "yongen.mp4"))
     ok, frame = capture.read()
