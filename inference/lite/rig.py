@@ -14,32 +14,43 @@ centre on the lip line, ``a`` the half width of the lips):
 * the gap that opens between the lips samples the lip line itself (the tear); the renderer paints
   the mouth's inside over it.
 
-The fields depend only on the face width, so frames are grouped into face-width buckets 2 % apart
-and each bucket's fields are computed once; each frame then only needs its position.
+Across the mouth the lips' outline is pointed at the corners (``lip_profile``), the way lips part.
+The mouth centre, parting line and half width come from the lips' colour (``inference.lite.lips``)
+on a few frames, as offsets from the stored mouth in face widths (their medians), so they follow
+the stored mouth from frame to frame. The fields depend only on the face width, so frames are
+grouped into face-width buckets 2 % apart and each bucket's fields are computed once; each frame
+then only needs its position.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from inference.lite.lips import find_lips
+
+log = logging.getLogger(__name__)
+
 # all lengths in face widths
-JAW_DROP = 0.11  # lower lip drop at full openness
-UPPER_LIFT = 0.18  # the upper lip rises this fraction of the drop
+JAW_DROP = 0.12  # lower lip drop at full openness
+UPPER_LIFT = 0.22  # the upper lip rises this fraction of the drop
 LEFT = RIGHT = 0.52  # region warped, around the mouth centre
 UP = 0.24
-DOWN = 0.78
-CHIN = 0.30  # below the lip line, the jaw moves as one down to here...
-NECK = 0.76  # ... and not at all from here
+DOWN = 0.6
+CHIN = 0.26  # below the lip line, the jaw moves as one down to here...
+NECK = 0.58  # ... and not at all from here
 LIP_SPAN = 0.2  # from the lip line to here, the lips' outline gives way to the jaw's
 JAW_FLAT = 0.18  # the jaw moves fully within this distance of the centre line...
 JAW_EDGE = 0.46  # ... and not at all beyond this
 NOSE = 0.13  # the upper lip's lift fades out this far above the lip line
 CORNER_SPREAD = 1.3  # the corners' sideways motion fades over this many half widths past them
-LENS_STRETCH = 1.08  # the opening is a little wider than the lips' measured half width
+LENS_STRETCH = 0.92  # the opening's half width, in the lips' measured half widths
+CORNER_SHARPNESS = 0.9  # lip_profile's exponent: 0.5 an ellipse, 1 a parabola
 BUCKET_RATIO = 1.02
+SAMPLED_FRAMES = 9  # frames on which the lips are looked for
 
 
 def smoothstep(t: np.ndarray) -> np.ndarray:
@@ -47,9 +58,11 @@ def smoothstep(t: np.ndarray) -> np.ndarray:
     return t * t * (3.0 - 2.0 * t)
 
 
-def lens(x: np.ndarray, half: float) -> np.ndarray:
-    """Half-ellipse profile across the mouth: 1 at the centre, 0 at ``+-half``."""
-    return np.sqrt(np.clip(1.0 - (x / max(half, 1e-6)) ** 2, 0.0, 1.0))
+def lip_profile(x: np.ndarray, half: float) -> np.ndarray:
+    """How far the lips part across the mouth: 1 at the centre, 0 at the corners ``+-half``,
+    which it meets at an angle (parted lips are pointed at the corners, not round)."""
+    t = np.clip(1.0 - (x / max(half, 1e-6)) ** 2, 0.0, 1.0)
+    return np.power(t, CORNER_SHARPNESS)
 
 
 @dataclass(frozen=True)
@@ -81,7 +94,7 @@ class Fields:
         y = gy - row
         ax = np.abs(x)
 
-        lip = lens(x, LENS_STRETCH * a)
+        lip = lip_profile(x, LENS_STRETCH * a)
         jaw = np.where(
             ax <= JAW_FLAT * F,
             1.0,
@@ -112,34 +125,50 @@ class MouthRig:
 
     def __init__(self, face: np.ndarray, mouth: np.ndarray, frames: np.ndarray) -> None:
         widths = np.maximum(face[:, 2].astype(np.float64), 8.0)
-        ratios = mouth[:, 2] / widths
-        self.half_ratio = float(np.clip(np.median(ratios), 0.12, 0.32))
+        centre = mouth[:, :2].astype(np.float64)
+        self.half_ratio = float(np.clip(np.median(mouth[:, 2] / widths), 0.12, 0.32))
+        self.teeth = False  # whether teeth show between the lips at rest
+        found = [
+            (k, lips)
+            for k in np.unique(np.linspace(0, len(frames) - 1, SAMPLED_FRAMES).round().astype(int))
+            if (lips := find_lips(frames[k], mouth[k], float(widths[k]))) is not None
+        ]
+        if found:
+            offsets = np.array(
+                [[lips.centre_x - mouth[k, 0], lips.line_y - mouth[k, 1]] / widths[k] for k, lips in found]
+            )
+            centre = centre + np.median(offsets, axis=0) * widths[:, None]
+            self.half_ratio = float(np.median([lips.half_width / widths[k] for k, lips in found]))
+            self.teeth = 2 * sum(lips.teeth for _, lips in found) > len(found)
+        else:
+            log.info("no lips stand out by colour: the mouth opens where the face box puts it")
         buckets = np.round(np.log(widths) / math.log(BUCKET_RATIO)).astype(np.int64)
-        self._fields = {
-            int(b): Fields.build(BUCKET_RATIO ** float(b), self.half_ratio) for b in np.unique(buckets)
-        }
+        self._fields = {int(b): Fields.build(BUCKET_RATIO ** float(b), self.half_ratio) for b in np.unique(buckets)}
         self._bucket = buckets
-        self._centre = np.round(mouth[:, :2]).astype(np.int64)
-        self.lip_colour = lip_colour(frames[0], mouth[0], float(widths[0]))
+        h, w = frames.shape[1:3]
+        self._centre = np.stack([np.clip(centre[:, 0], 0, w - 1).round(), np.clip(centre[:, 1], 0, h - 1)], axis=1)
+        k0 = found[0][0] if found else 0
+        self.lip_brightness = lip_brightness(
+            frames[k0], self._centre[k0], self.half_ratio * float(widths[k0]), float(widths[k0])
+        )
 
-    def fields(self, frame: int) -> tuple[Fields, int, int]:
-        """The fields of stored frame ``frame`` and the frame pixel of their mouth centre."""
+    def fields(self, frame: int) -> tuple[Fields, int, float]:
+        """The fields of stored frame ``frame``, the frame column of their mouth centre and the
+        row of the parting line (a float: it may lie between two rows)."""
         f = self._fields[int(self._bucket[frame])]
-        cx, cy = self._centre[frame]
-        return f, int(cx), int(cy)
+        cx, line = self._centre[frame]
+        return f, int(cx), float(line)
 
 
-def lip_colour(frame: np.ndarray, mouth: np.ndarray, face_width: float) -> np.ndarray:
-    """Mean RGB (float32) of the redder half of the pixels around the lips: the mouth's inside is
-    painted in darker shades of it, so it matches the picture's tones."""
-    cx, cy, half = (float(v) for v in mouth)
+def lip_brightness(frame: np.ndarray, centre: np.ndarray, half: float, face_width: float) -> float:
+    """The brightest channel of the mean colour of the redder half of the pixels around the lips:
+    the mouth's inside is painted in shades of that, so it matches the picture's lighting."""
+    cx, cy = (float(v) for v in centre)
     h, w = frame.shape[:2]
     x0, x1 = max(0, int(cx - 0.8 * half)), min(w, int(cx + 0.8 * half) + 1)
     y0, y1 = max(0, int(cy - 0.1 * face_width)), min(h, int(cy + 0.1 * face_width) + 1)
-    default = np.array([170.0, 90.0, 90.0], np.float32)
     if x1 - x0 < 2 or y1 - y0 < 2:
-        return default
+        return 170.0
     patch = frame[y0:y1, x0:x1].reshape(-1, 3).astype(np.float32)
     redness = patch[:, 0] - 0.5 * (patch[:, 1] + patch[:, 2])
-    chosen = patch[redness >= np.median(redness)]
-    return chosen.mean(axis=0).astype(np.float32) if len(chosen) else default
+    return float(patch[redness >= np.median(redness)].mean(axis=0).max())
