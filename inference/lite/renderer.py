@@ -29,7 +29,7 @@ from inference.face import FaceFinder
 from inference.lite.avatar import LiteAvatar, info_from_meta, load_avatar, read_meta, save_avatar
 from inference.lite.featurizer import REST_OPENNESS, FeaturizerConfig, LiteFeatures, LiteFeaturizer
 from inference.lite.prepare import PrepareParams, preparation_version, prepare_frames
-from inference.lite.rig import JAW_DROP, LENS_STRETCH, UPPER_LIFT, Fields, lip_profile, smoothstep
+from inference.lite.rig import JAW_DROP, UPPER_LIFT, Fields, lip_profile, smoothstep
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ ROUND = 0.3  # "oo": the corners move in by this many half widths
 WIDE_DROP = 0.35  # a fully wide mouth opens this much less
 ROUND_DROP = 0.1  # a fully round one this much less
 
-FEATHER = 0.012  # the opening's edges blend over this many face widths
+FEATHER = 0.02  # the opening's edges blend over this many face widths
 
 _THROAT = np.array([0.4, 0.16, 0.16], np.float32)  # the inside of the mouth, in the lips' brightness
 _TONGUE = np.array([0.78, 0.4, 0.4], np.float32)  # the tongue, in the lips' brightness
@@ -159,13 +159,12 @@ class LiteRenderer(Renderer):
         out = frame.copy()
         if features is None or not math.isfinite(features.open) or features.open < REST_OPENNESS:
             return out
-        fields, cx, line = avatar.rig.fields(k)
         openness = min(1.0, float(features.open))
         shape = max(-1.0, min(1.0, float(features.width))) if math.isfinite(features.width) else 0.0
+        corners = (WIDEN if shape > 0 else ROUND) * shape * float(smoothstep(np.asarray(openness * 4.0)))
+        fields, cx, line = avatar.rig.fields(k, 1.0 + corners)
         drop = openness * JAW_DROP * fields.face_width * (1.0 - (WIDE_DROP if shape > 0 else ROUND_DROP) * abs(shape))
-        reach = (
-            (WIDEN if shape > 0 else ROUND) * shape * fields.half_width * float(smoothstep(np.asarray(openness * 4.0)))
-        )
+        reach = corners * fields.half_width
         mouth = Mouth(fields, cx, line, drop, reach)
         _draw(out, frame, mouth, avatar.rig.lip_brightness, avatar.rig.teeth)
         return out
@@ -213,7 +212,7 @@ def _paint_inside(region: np.ndarray, m: Mouth, col: int, line: float, bright: f
     inside, a shadow under the upper lip, the tongue low in the middle and, unless teeth already
     show at rest, a hint of the upper teeth. Every edge is feathered."""
     f = m.fields
-    half = LENS_STRETCH * f.half_width + m.reach
+    half = f.opening_half
     lift = UPPER_LIFT * m.drop
     if half < 1.0 or m.drop < 0.3:
         return
@@ -230,7 +229,7 @@ def _paint_inside(region: np.ndarray, m: Mouth, col: int, line: float, bright: f
     top = -lift * profile
     gap = (m.drop + lift) * profile
     inside = np.clip((y - top) / feather + 0.5, 0, 1) * np.clip((top + gap - y) / feather + 0.5, 0, 1)
-    inside *= np.clip(gap / (2.0 * feather), 0, 1)  # where the lips barely part, only a shadow
+    inside *= np.clip(gap / feather, 0, 1)  # where the lips barely part, only a shadow
     depth = np.clip((y - top) / np.maximum(gap, 1e-3), 0, 1)  # 0 at the upper lip, 1 at the lower
     across = np.clip(np.abs(x) / half, 0, 1)[None, :]  # 0 in the middle, 1 at the corners
     opened = min(1.0, m.drop / (0.06 * f.face_width))

@@ -51,6 +51,9 @@ LENS_STRETCH = 0.92  # the opening's half width, in the lips' measured half widt
 CORNER_SHARPNESS = 0.9  # lip_profile's exponent: 0.5 an ellipse, 1 a parabola
 BUCKET_RATIO = 1.02
 SAMPLED_FRAMES = 9  # frames on which the lips are looked for
+# the opening's width, in LENS_STRETCH half widths: a round "oo" narrows it, a wide "ee" widens it;
+# the fields are built for each of these steps, so the gap the warp opens is the one painted
+OPENINGS = tuple(round(0.7 + 0.035 * k, 3) for k in range(13))  # 0.7 .. 1.12
 
 
 def smoothstep(t: np.ndarray) -> np.ndarray:
@@ -62,7 +65,8 @@ def lip_profile(x: np.ndarray, half: float) -> np.ndarray:
     """How far the lips part across the mouth: 1 at the centre, 0 at the corners ``+-half``,
     which it meets at an angle (parted lips are pointed at the corners, not round)."""
     t = np.clip(1.0 - (x / max(half, 1e-6)) ** 2, 0.0, 1.0)
-    return np.power(t, CORNER_SHARPNESS)
+    profile: np.ndarray = np.power(t, CORNER_SHARPNESS)
+    return profile
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Fields:
 
     face_width: float
     half_width: float  # a: the lips' half width, pixels
+    opening_half: float  # half width of the gap the warp opens between the lips, pixels
     col: int  # mouth centre column within the region
     row: int  # lip line row within the region
     grid_x: np.ndarray  # float32 column of each pixel
@@ -80,10 +85,12 @@ class Fields:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.grid_x.shape  # type: ignore[return-value]
+        h, w = self.grid_x.shape
+        return h, w
 
     @classmethod
-    def build(cls, face_width: float, half_ratio: float) -> Fields:
+    def build(cls, face_width: float, half_ratio: float, openings: tuple[float, ...]) -> list[Fields]:
+        """The fields of one face width, one for each opening width in ``openings``."""
         F = float(face_width)
         a = half_ratio * F
         col, row = math.ceil(LEFT * F), math.ceil(UP * F)
@@ -93,8 +100,6 @@ class Fields:
         x = gx - col
         y = gy - row
         ax = np.abs(x)
-
-        lip = lip_profile(x, LENS_STRETCH * a)
         jaw = np.where(
             ax <= JAW_FLAT * F,
             1.0,
@@ -102,8 +107,7 @@ class Fields:
         )
         blend = smoothstep((y - 0.03 * F) / ((LIP_SPAN - 0.03) * F))
         fade = 1.0 - smoothstep((y - CHIN * F) / ((NECK - CHIN) * F))
-        down = np.where(y >= 0, ((1.0 - blend) * lip + blend * jaw) * fade, 0.0)
-        up = np.where(y < 0, UPPER_LIFT * lip * (1.0 - smoothstep(-y / (NOSE * F))), 0.0)
+        nose = 1.0 - smoothstep(-y / (NOSE * F))
 
         side = np.where(
             ax <= a,
@@ -117,7 +121,15 @@ class Fields:
             out.flags.writeable = False
             return out
 
-        return cls(F, a, col, row, frozen(gx), frozen(gy), frozen(side), frozen(up - down))
+        grid_x, grid_y, shift_x = frozen(gx), frozen(gy), frozen(side)
+        built = []
+        for opening in openings:
+            half = LENS_STRETCH * a * opening
+            lip = lip_profile(x, half)
+            down = np.where(y >= 0, ((1.0 - blend) * lip + blend * jaw) * fade, 0.0)
+            up = np.where(y < 0, UPPER_LIFT * lip * nose, 0.0)
+            built.append(cls(F, a, half, col, row, grid_x, grid_y, shift_x, frozen(up - down)))
+        return built
 
 
 class MouthRig:
@@ -143,7 +155,9 @@ class MouthRig:
         else:
             log.info("no lips stand out by colour: the mouth opens where the face box puts it")
         buckets = np.round(np.log(widths) / math.log(BUCKET_RATIO)).astype(np.int64)
-        self._fields = {int(b): Fields.build(BUCKET_RATIO ** float(b), self.half_ratio) for b in np.unique(buckets)}
+        self._fields = {
+            int(b): Fields.build(BUCKET_RATIO ** float(b), self.half_ratio, OPENINGS) for b in np.unique(buckets)
+        }
         self._bucket = buckets
         h, w = frames.shape[1:3]
         self._centre = np.stack([np.clip(centre[:, 0], 0, w - 1).round(), np.clip(centre[:, 1], 0, h - 1)], axis=1)
@@ -152,10 +166,12 @@ class MouthRig:
             frames[k0], self._centre[k0], self.half_ratio * float(widths[k0]), float(widths[k0])
         )
 
-    def fields(self, frame: int) -> tuple[Fields, int, float]:
-        """The fields of stored frame ``frame``, the frame column of their mouth centre and the
-        row of the parting line (a float: it may lie between two rows)."""
-        f = self._fields[int(self._bucket[frame])]
+    def fields(self, frame: int, opening: float = 1.0) -> tuple[Fields, int, float]:
+        """The fields of stored frame ``frame`` for the step of ``OPENINGS`` nearest ``opening``, the
+        frame column of their mouth centre and the row of the parting line (a float: it may lie
+        between two rows)."""
+        step = min(range(len(OPENINGS)), key=lambda i: abs(OPENINGS[i] - opening))
+        f = self._fields[int(self._bucket[frame])][step]
         cx, line = self._centre[frame]
         return f, int(cx), float(line)
 
