@@ -7,8 +7,9 @@ Both come from a redness map (Lab a*) of the lower face:
 
 * the lips are the pixels clearly redder than the skin around them, in the connected parts near the
   expected mouth; their outer columns give the corners;
-* between the upper and the lower lip, in the middle columns, a run of bright, unsaturated rows is
-  teeth: the lips part below it; otherwise they part at the darkest row between them.
+* between the upper and the lower lip, in the middle columns, rows that are not lips (teeth, or the
+  dark inside of a mouth already open) mean the lips are apart: they part at the top of the lower
+  lip; closed lips part at the darkest row between them.
 """
 
 from __future__ import annotations
@@ -91,22 +92,27 @@ def _lip_parts(red: np.ndarray, ex: float, ey: float, F: float) -> np.ndarray | 
 
 def _parting(light: np.ndarray, redness: np.ndarray, lip_light: float) -> tuple[float, bool]:
     """The parting row within the lips' rows (``light``: mean lightness per row of the middle
-    columns, ``redness``: their fraction of lip pixels) and whether it is below teeth."""
+    columns, ``redness``: their fraction of lip pixels) and whether teeth show above it.
+
+    Lips already apart at rest have rows between them that are not lips (teeth, or the dark inside):
+    they part at the top of the lower lip, below those rows. Closed lips part at their darkest row.
+    """
     rows = len(light)
-    teeth = (light > lip_light + 10.0) & (redness < 0.3)
-    teeth[0] = teeth[-1] = False  # teeth show between the lips, never at their outer edges
+    between = redness < 0.3
+    between[0] = between[-1] = False  # the outer edges are lips by construction
     runs: list[tuple[int, int]] = []
     start = -1
     for r in range(rows):
-        if teeth[r] and start < 0:
+        if between[r] and start < 0:
             start = r
-        elif not teeth[r] and start >= 0:
+        elif not between[r] and start >= 0:
             runs.append((start, r - 1))
             start = -1
     if runs:
         first, last = max(runs, key=lambda run: run[1] - run[0])
         if last - first >= 1:
-            return last + 0.5, True
+            teeth = bool((light[first : last + 1] > lip_light + 10.0).sum() >= 2)
+            return last + 0.5, teeth
     margin = max(1, int(0.15 * rows))
     inner = light[margin : rows - margin] if rows - 2 * margin >= 1 else light
     darkest = int(np.argmin(inner)) + (margin if rows - 2 * margin >= 1 else 0)

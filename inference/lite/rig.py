@@ -15,11 +15,11 @@ centre on the lip line, ``a`` the half width of the lips):
   the mouth's inside over it.
 
 Across the mouth the lips' outline is pointed at the corners (``lip_profile``), the way lips part.
-The mouth centre, parting line and half width come from the lips' colour (``inference.lite.lips``)
-on a few frames, as offsets from the stored mouth in face widths (their medians), so they follow
-the stored mouth from frame to frame. The fields depend only on the face width, so frames are
-grouped into face-width buckets 2 % apart and each bucket's fields are computed once; each frame
-then only needs its position.
+The mouth centre and parting line come from the lips' colour (``inference.lite.lips``) on each
+frame, as offsets from the stored mouth in face widths (the median offset where the lips do not
+stand out), smoothed over time; the half width is the median over the frames. The fields depend
+only on the face width, so frames are grouped into face-width buckets 2 % apart and each bucket's
+fields are computed once; each frame then only needs its position.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from inference.lite.lips import find_lips
+from inference.lite.prepare import smooth
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,16 @@ DOWN = 0.6
 CHIN = 0.26  # below the lip line, the jaw moves as one down to here...
 NECK = 0.58  # ... and not at all from here
 LIP_SPAN = 0.2  # from the lip line to here, the lips' outline gives way to the jaw's
+LIP_BODY = 0.14  # below the gap, the lower lip's motion widens smoothly past the corners over this
 JAW_FLAT = 0.18  # the jaw moves fully within this distance of the centre line...
 JAW_EDGE = 0.46  # ... and not at all beyond this
 NOSE = 0.13  # the upper lip's lift fades out this far above the lip line
 CORNER_SPREAD = 1.3  # the corners' sideways motion fades over this many half widths past them
-LENS_STRETCH = 0.92  # the opening's half width, in the lips' measured half widths
+LENS_STRETCH = 1.08  # the opening's half width, in the lips' measured half widths
 CORNER_SHARPNESS = 0.9  # lip_profile's exponent: 0.5 an ellipse, 1 a parabola
 BUCKET_RATIO = 1.02
-SAMPLED_FRAMES = 9  # frames on which the lips are looked for
+OFFSET_SMOOTHING = 1.5  # frames: sigma of the temporal smoothing of the lips' measured offsets
+OUTLIER = 0.05  # a frame's lips this far (face widths) from their typical place count as not found
 # the opening's width, in LENS_STRETCH half widths: a round "oo" narrows it, a wide "ee" widens it;
 # the fields are built for each of these steps, so the gap the warp opens is the one painted
 OPENINGS = tuple(round(0.7 + 0.035 * k, 3) for k in range(13))  # 0.7 .. 1.12
@@ -59,6 +62,13 @@ OPENINGS = tuple(round(0.7 + 0.035 * k, 3) for k in range(13))  # 0.7 .. 1.12
 def smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
+
+
+def _falloff(distance: np.ndarray, inner: float, outer: float) -> np.ndarray:
+    """1 up to ``inner``, a raised cosine down to 0 at ``outer``."""
+    t = np.clip((distance - inner) / max(outer - inner, 1e-6), 0.0, 1.0)
+    out: np.ndarray = 0.5 * (1.0 + np.cos(np.pi * t))
+    return out
 
 
 def lip_profile(x: np.ndarray, half: float) -> np.ndarray:
@@ -106,6 +116,7 @@ class Fields:
             0.5 * (1.0 + np.cos(np.pi * np.clip((ax - JAW_FLAT * F) / ((JAW_EDGE - JAW_FLAT) * F), 0, 1))),
         )
         blend = smoothstep((y - 0.03 * F) / ((LIP_SPAN - 0.03) * F))
+        near = smoothstep(y / (LIP_BODY * F))
         fade = 1.0 - smoothstep((y - CHIN * F) / ((NECK - CHIN) * F))
         nose = 1.0 - smoothstep(-y / (NOSE * F))
 
@@ -126,7 +137,9 @@ class Fields:
         for opening in openings:
             half = LENS_STRETCH * a * opening
             lip = lip_profile(x, half)
-            down = np.where(y >= 0, ((1.0 - blend) * lip + blend * jaw) * fade, 0.0)
+            body = np.maximum(lip, _falloff(ax, 0.5 * half, 1.8 * half))
+            lower = lip + (body - lip) * near  # the gap's outline at the line, no shear below it
+            down = np.where(y >= 0, ((1.0 - blend) * lower + blend * jaw) * fade, 0.0)
             up = np.where(y < 0, UPPER_LIFT * lip * nose, 0.0)
             built.append(cls(F, a, half, col, row, grid_x, grid_y, shift_x, frozen(up - down)))
         return built
@@ -142,14 +155,21 @@ class MouthRig:
         self.teeth = False  # whether teeth show between the lips at rest
         found = [
             (k, lips)
-            for k in np.unique(np.linspace(0, len(frames) - 1, SAMPLED_FRAMES).round().astype(int))
+            for k in range(len(frames))
             if (lips := find_lips(frames[k], mouth[k], float(widths[k]))) is not None
         ]
         if found:
-            offsets = np.array(
+            # each frame's own lips where they were found, the typical offset elsewhere, smoothed
+            # over time like the stored mouth so the opening does not jitter
+            offsets = np.empty((len(frames), 2))
+            measured = np.array(
                 [[lips.centre_x - mouth[k, 0], lips.line_y - mouth[k, 1]] / widths[k] for k, lips in found]
             )
-            centre = centre + np.median(offsets, axis=0) * widths[:, None]
+            typical = np.median(measured, axis=0)
+            offsets[:] = typical
+            kept = np.abs(measured - typical).max(axis=1) <= OUTLIER  # a lip found far off is not
+            offsets[[k for k, _ in found]] = np.where(kept[:, None], measured, typical)
+            centre = centre + smooth(offsets, OFFSET_SMOOTHING) * widths[:, None]
             self.half_ratio = float(np.median([lips.half_width / widths[k] for k, lips in found]))
             self.teeth = 2 * sum(lips.teeth for _, lips in found) > len(found)
         else:
