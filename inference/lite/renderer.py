@@ -2,8 +2,10 @@
 
 Per frame it copies the avatar's frame, warps a region around the mouth and chin with the
 avatar's precomputed rig (``inference.lite.rig``) for the frame's openness and shape, and paints
-the inside of the mouth (a dark, softly edged opening with a lighter tongue towards the bottom)
-into the gap. All work is on the small region; a frame at rest is the untouched idle frame.
+the inside of the mouth into the gap: shaded, never one flat colour (a shadow under the upper lip,
+a hint of the upper teeth, or of the lower ones when the picture's own upper teeth show, the tongue
+low in the middle), with feathered edges. All work is on the small region; a frame at rest is the
+untouched idle frame.
 
 This is an honest stand-in for a lip-sync model: the mouth follows the audio's loudness and its
 rough spectral shape, not the phonemes.

@@ -5,9 +5,10 @@ coordinates in face widths ``F`` around the lip line (``x`` right, ``y`` down, o
 centre on the lip line, ``a`` the half width of the lips):
 
 * below the lip line the lower lip, the chin and the jaw move down by ``D * W(x, y)`` (``D`` the
-  jaw drop in pixels): ``W`` follows the lips' outline (an ellipse across the mouth) near the lips,
-  the jaw (flat across the chin, fading out towards the cheeks) further down, and fades out below
-  the chin so the neck and collar stay put;
+  jaw drop in pixels): ``W`` follows the lips' outline (``lip_profile``) at the parting line,
+  widens smoothly past the corners through the lower lip, becomes the jaw (flat across the chin,
+  fading out towards the cheeks) further down, and fades out below the chin so the neck and collar
+  stay put;
 * above it the upper lip rises by ``D * U(x, y)``, a fraction of the drop that fades out before
   the nose;
 * the lips' corners move out (wide "ee") or in (round "oo") by ``S * V(x, y)``;
@@ -18,8 +19,9 @@ Across the mouth the lips' outline is pointed at the corners (``lip_profile``), 
 The mouth centre and parting line come from the lips' colour (``inference.lite.lips``) on each
 frame, as offsets from the stored mouth in face widths (the median offset where the lips do not
 stand out), smoothed over time; the half width is the median over the frames. The fields depend
-only on the face width, so frames are grouped into face-width buckets 2 % apart and each bucket's
-fields are computed once; each frame then only needs its position.
+only on the face width and the opening's width, so frames are grouped into face-width buckets 2 %
+apart and each bucket's fields are computed once per step of ``OPENINGS``; each frame then only
+needs its position.
 """
 
 from __future__ import annotations
