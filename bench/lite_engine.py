@@ -9,12 +9,15 @@ and the renderer with the featurizer (what a worker spends per second of a sessi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also runnable as a script
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: before numpy and OpenCV start their pools
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import cv2
 import numpy as np

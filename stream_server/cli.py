@@ -46,18 +46,31 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from inference.musetalk import check_models, download_models
+    """``models check`` names every file: missing required ones (exit 1: MuseTalk cannot run, the
+    server falls back to the lite engine) and missing optional ones with what each costs."""
+    from inference.musetalk.layout import download_models, model_report
 
     root = Path(args.dir or Settings().engine.models_dir)
     if args.action == "download":
         download_models(root)
-    problems = check_models(root)
-    if problems:
-        print(f"{root}: incomplete", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
+    report = model_report(root)
+    missing = [f for f in report if f.required and not f.present]
+    for f in report:
+        state = "ok     " if f.present else "MISSING"
+        kind = "required" if f.required else "optional"
+        also = f" (or {', '.join(f.alternatives)})" if f.alternatives else ""
+        line = f"  {state} {kind}  {f.path}{also}: {f.purpose}"
+        if not f.present and not f.required:
+            line += f"; without it {f.without}"
+        print(line)
+    if missing:
+        print(f"{root}: incomplete, MuseTalk cannot run (engine.kind auto serves the lite engine):", file=sys.stderr)
+        for f in missing:
+            also = f" (or {', '.join(f.alternatives)})" if f.alternatives else ""
+            print(f"  - missing required {f.path}{also}", file=sys.stderr)
         return 1
-    print(f"{root}: complete")
+    optional = sum(not f.present for f in report)
+    print(f"{root}: complete" + (f" ({optional} optional files missing, see above)" if optional else ""))
     return 0
 
 

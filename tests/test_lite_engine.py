@@ -261,6 +261,138 @@ def test_visemes_change_the_mouth_shape(renderer: LiteRenderer, astronaut: LiteA
     assert dark_width(round_) < dark_width(open_) <= dark_width(wide) + 2
 
 
+# ----- what a user sees: the face talks -----
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "lite"
+GENERATED_FACE = (156.0, 150.0, 200.0, 200.0)  # the drawn face's box, Haar proportions
+GENERATED_LIPS = (256, 310, 42)  # centre x, parting row, half width of the drawn lips
+LEVELS = {"silence": SILENT, "mid": LiteFeatures(0.5, 0.0, -30.0), "loud": LOUD}
+
+
+def draw_face() -> np.ndarray:
+    """A 512 x 512 RGB face drawn with OpenCV: skin ellipse, eyes, nose shading, red lips parted
+    by a dark line at row 310, the lip line where a Haar box of ``GENERATED_FACE`` puts it."""
+    img = np.full((512, 512, 3), (120, 130, 150), np.uint8)
+    cv2.ellipse(img, (256, 250), (105, 138), 0, 0, 360, (226, 184, 156), -1)
+    for ex in (211, 301):
+        cv2.ellipse(img, (ex, 226), (17, 8), 0, 0, 360, (250, 250, 250), -1)
+        cv2.circle(img, (ex, 226), 6, (70, 50, 40), -1)
+    cv2.ellipse(img, (256, 272), (14, 8), 0, 0, 180, (196, 150, 126), 3)
+    cv2.ellipse(img, (256, 304), (42, 8), 0, 180, 360, (178, 62, 72), -1)
+    cv2.ellipse(img, (256, 310), (40, 11), 0, 0, 180, (192, 78, 84), -1)
+    cv2.rectangle(img, (222, 305), (290, 309), (178, 62, 72), -1)
+    cv2.line(img, (216, 310), (296, 310), (112, 42, 48), 2)
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory, renderer: LiteRenderer) -> LiteAvatar:
+    path = tmp_path_factory.mktemp("drawn") / "face.png"
+    cv2.imwrite(str(path), cv2.cvtColor(draw_face(), cv2.COLOR_RGB2BGR))
+    return renderer.prepare_avatar_dir(path.parent / "avatar", "drawn", "Drawn", path, face_box=GENERATED_FACE)
+
+
+@pytest.fixture(params=["astronaut", "generated"])
+def face_avatar(request: pytest.FixtureRequest) -> tuple[str, LiteAvatar]:
+    return request.param, request.getfixturevalue(request.param)
+
+
+def lower_face(avatar: LiteAvatar, band: int = 2) -> tuple[slice, slice]:
+    """The lower face below the face box's middle, from cheek to cheek and down past the chin,
+    widened by ``band`` pixels."""
+    x, y, w, h = (float(v) for v in avatar.face[0])
+    return (
+        slice(max(0, int(y + 0.45 * h) - band), int(y + 1.45 * h) + band),
+        slice(max(0, int(x - 0.05 * w) - band), int(x + 1.05 * w) + band),
+    )
+
+
+def open_rows(image: np.ndarray, avatar: LiteAvatar) -> np.ndarray:
+    """Row numbers, in the middle of the mouth, that are dark: between parted lips."""
+    cx, cy, half = (float(v) for v in avatar.mouth[0])
+    rest = avatar.idle_frame(0)
+    rows, cols = lower_face(avatar, band=0)
+    skin = float(np.median(rest[rows, cols].max(axis=2)))
+    fw = float(avatar.face[0, 2])
+    top, bottom = int(cy - 0.15 * fw), int(cy + 0.3 * fw)  # from under the nose to the chin
+    middle = image[top:bottom, int(cx - 0.3 * half) : int(cx + 0.3 * half) + 1].max(axis=2)
+    return top + np.flatnonzero((middle < 0.5 * skin).mean(axis=1) > 0.5)
+
+
+def mouth_rows(image: np.ndarray, avatar: LiteAvatar) -> int:
+    """How many rows, in the middle of the mouth, are lips or the dark between them."""
+    cx, cy, half = (float(v) for v in avatar.mouth[0])
+    fw = float(avatar.face[0, 2])
+    rows = slice(int(cy - 0.15 * fw), int(cy + 0.3 * fw))
+    cols = slice(int(cx - 0.3 * half), int(cx + 0.3 * half) + 1)
+    red = cv2.cvtColor(np.ascontiguousarray(image[rows, cols]), cv2.COLOR_RGB2LAB)[..., 1].astype(float)
+    rest = cv2.cvtColor(np.ascontiguousarray(avatar.idle_frame(0)[rows, cols]), cv2.COLOR_RGB2LAB)[..., 1]
+    skin = float(np.median(rest))
+    lips = red > skin + 0.4 * (float(np.percentile(rest, 99)) - skin)
+    dark = image[rows, cols].max(axis=2) < 0.5 * float(np.median(image[rows, cols].max(axis=2)))
+    return int(((lips | dark).mean(axis=1) > 0.5).sum())
+
+
+def test_talking_changes_only_the_lower_face(renderer: LiteRenderer, face_avatar: tuple[str, LiteAvatar]) -> None:
+    _, avatar = face_avatar
+    rest = avatar.idle_frame(0)
+    rows, cols = lower_face(avatar)
+    for features in (LOUD, LiteFeatures(1.0, 1.0, -14.0), LiteFeatures(1.0, -1.0, -14.0), LEVELS["mid"]):
+        frame = renderer.render_one(avatar, 0, features)
+        changed = np.abs(frame.astype(int) - rest.astype(int)).max(axis=2) > 0
+        assert changed[rows, cols].sum() > 100  # the mouth moved...
+        changed[rows, cols] = False
+        assert not changed.any()  # ... and nothing outside the lower face
+
+
+def test_the_mouth_opens_with_loudness_where_the_lips_are(
+    renderer: LiteRenderer, face_avatar: tuple[str, LiteAvatar]
+) -> None:
+    name, avatar = face_avatar
+    frames = {level: renderer.render_one(avatar, 0, f) for level, f in LEVELS.items()}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for level, frame in frames.items():
+        cv2.imwrite(str(ARTIFACTS / f"{name}_{level}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    rows, cols = lower_face(avatar, band=10)
+    side_by_side = np.hstack([frames[level][rows, cols] for level in LEVELS])
+    cv2.imwrite(str(ARTIFACTS / f"{name}_side_by_side.png"), cv2.cvtColor(side_by_side, cv2.COLOR_RGB2BGR))
+
+    assert np.array_equal(frames["silence"], avatar.idle_frame(0))  # silence: the mouth at rest
+    heights = {level: len(open_rows(frame, avatar)) for level, frame in frames.items()}
+    assert heights["silence"] < heights["mid"] < heights["loud"], heights
+    extents = {level: mouth_rows(frame, avatar) for level, frame in frames.items()}
+    assert extents["silence"] < extents["mid"] < extents["loud"], extents
+
+    # the opening is between the lips: its top at the parting line, centred on the mouth
+    opening = open_rows(frames["loud"], avatar)
+    fw = float(avatar.face[0, 2])
+    if name == "generated":
+        cx, parting, half = GENERATED_LIPS
+    else:  # measured on the picture: the upper teeth's lower edge, under row 148
+        cx, parting, half = 223, 148, 19
+    assert abs(opening.min() - parting) <= 0.03 * fw + 1, (opening.min(), parting)
+    skin = float(np.median(avatar.idle_frame(0)[rows, cols].max(axis=2)))
+    darkened = (frames["loud"][opening, cols].max(axis=2) < 0.5 * skin) & (
+        avatar.idle_frame(0)[opening, cols].max(axis=2) >= 0.5 * skin
+    )
+    dark_cols = cols.start + np.flatnonzero(darkened.any(axis=0))
+    assert abs(0.5 * (dark_cols.min() + dark_cols.max()) - cx) < 0.15 * half * 2
+    assert dark_cols.max() - dark_cols.min() <= 2 * half + 2  # no wider than the lips
+
+
+def test_no_flat_shape_and_no_hard_edges(renderer: LiteRenderer, face_avatar: tuple[str, LiteAvatar]) -> None:
+    """The opening is shaded (not one flat colour) and its edges blend into the lips."""
+    _, avatar = face_avatar
+    loud = renderer.render_one(avatar, 0, LOUD)
+    opening = open_rows(loud, avatar)
+    cx, _, half = (float(v) for v in avatar.mouth[0])
+    column = loud[opening.min() - 3 : opening.max() + 4, int(cx)].astype(float).mean(axis=1)
+    inside = loud[opening, int(cx - 0.3 * half) : int(cx + 0.3 * half) + 1].astype(float).mean(axis=2)
+    assert inside.std() > 4  # a gradient, not a flat fill
+    steps = np.abs(np.diff(column))
+    assert steps.max() < 0.6 * (column.max() - column.min())  # edges take more than one pixel
+
+
 def test_mixed_avatar_batch(renderer: LiteRenderer, astronaut: LiteAvatar, tmp_path: Path) -> None:
     small_src = tmp_path / "small.png"
     img = cv2.resize(cv2.imread(str(ASSET)), (300, 300), interpolation=cv2.INTER_AREA)

@@ -6,7 +6,8 @@ placeholder, not lip-sync AI, and renders a 512-pixel avatar at well over 1000 f
 
 Modules: ``featurizer`` (audio -> per-frame ``LiteFeatures``), ``prepare`` (source -> frames and
 mouth geometry, faces found by ``inference.face``), ``avatar`` (``LiteAvatar`` and its files),
-``rig`` (the warp fields around the mouth), ``renderer`` (``LiteRenderer``).
+``lips`` (where the lips part, from their colour), ``rig`` (the warp fields around the mouth),
+``renderer`` (``LiteRenderer``).
 """
 
 from inference.face import FaceDetectorUnavailable

@@ -2,8 +2,10 @@
 
 Per frame it copies the avatar's frame, warps a region around the mouth and chin with the
 avatar's precomputed rig (``inference.lite.rig``) for the frame's openness and shape, and paints
-the inside of the mouth (a dark, softly edged opening with a lighter tongue towards the bottom)
-into the gap. All work is on the small region; a frame at rest is the untouched idle frame.
+the inside of the mouth into the gap: shaded, never one flat colour (a shadow under the upper lip,
+a hint of the upper teeth, or of the lower ones when the picture's own upper teeth show, the tongue
+low in the middle), with feathered edges. All work is on the small region; a frame at rest is the
+untouched idle frame.
 
 This is an honest stand-in for a lip-sync model: the mouth follows the audio's loudness and its
 rough spectral shape, not the phonemes.
@@ -18,6 +20,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -28,7 +31,7 @@ from inference.face import FaceFinder
 from inference.lite.avatar import LiteAvatar, info_from_meta, load_avatar, read_meta, save_avatar
 from inference.lite.featurizer import REST_OPENNESS, FeaturizerConfig, LiteFeatures, LiteFeaturizer
 from inference.lite.prepare import PrepareParams, preparation_version, prepare_frames
-from inference.lite.rig import JAW_DROP, LENS_STRETCH, UPPER_LIFT, Fields, lens, smoothstep
+from inference.lite.rig import JAW_DROP, UPPER_LIFT, Fields, lip_profile, smoothstep
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,11 @@ ROUND = 0.3  # "oo": the corners move in by this many half widths
 WIDE_DROP = 0.35  # a fully wide mouth opens this much less
 ROUND_DROP = 0.1  # a fully round one this much less
 
-_THROAT = np.array([1.0, 0.34, 0.36], np.float32)  # hue of the inside of the mouth
-_TONGUE = np.array([1.0, 0.52, 0.52], np.float32)  # hue of the tongue
+FEATHER = 0.02  # the opening's edges blend over this many face widths
+
+_THROAT = np.array([0.4, 0.16, 0.16], np.float32)  # the inside of the mouth, in the lips' brightness
+_TONGUE = np.array([0.78, 0.4, 0.4], np.float32)  # the tongue, in the lips' brightness
+_TEETH = np.array([222.0, 214.0, 204.0], np.float32)  # upper teeth in a well lit face
 
 
 class LiteRenderer(Renderer):
@@ -90,9 +96,7 @@ class LiteRenderer(Renderer):
     ) -> LiteAvatar:
         """Prepare ``source`` and write the avatar into ``directory`` (which should be new)."""
         prepared = prepare_frames(Path(source), self.params, face_box=face_box, detector=self.face_detector)
-        meta = save_avatar(
-            Path(directory), avatar_id, name, prepared, version=self.version, params=self.params
-        )
+        meta = save_avatar(Path(directory), avatar_id, name, prepared, version=self.version, params=self.params)
         return LiteAvatar(
             info_from_meta(meta),
             prepared.frames,
@@ -157,92 +161,92 @@ class LiteRenderer(Renderer):
         out = frame.copy()
         if features is None or not math.isfinite(features.open) or features.open < REST_OPENNESS:
             return out
-        fields, cx, cy = avatar.rig.fields(k)
         openness = min(1.0, float(features.open))
         shape = max(-1.0, min(1.0, float(features.width))) if math.isfinite(features.width) else 0.0
-        drop = (
-            openness
-            * JAW_DROP
-            * fields.face_width
-            * (1.0 - (WIDE_DROP if shape > 0 else ROUND_DROP) * abs(shape))
-        )
-        reach = (
-            (WIDEN if shape > 0 else ROUND)
-            * shape
-            * fields.half_width
-            * float(smoothstep(np.asarray(openness * 4.0)))
-        )
-        self._draw(out, frame, fields, cx, cy, drop, reach, avatar.rig.lip_colour)
+        corners = (WIDEN if shape > 0 else ROUND) * shape * float(smoothstep(np.asarray(openness * 4.0)))
+        fields, cx, line = avatar.rig.fields(k, 1.0 + corners)
+        drop = openness * JAW_DROP * fields.face_width * (1.0 - (WIDE_DROP if shape > 0 else ROUND_DROP) * abs(shape))
+        reach = corners * fields.half_width
+        mouth = Mouth(fields, cx, line, drop, reach)
+        _draw(out, frame, mouth, avatar.rig.lip_brightness, avatar.rig.teeth)
         return out
-
-    @staticmethod
-    def _draw(
-        out: np.ndarray,
-        frame: np.ndarray,
-        f: Fields,
-        cx: int,
-        cy: int,
-        drop: float,
-        reach: float,
-        lip: np.ndarray,
-    ) -> None:
-        H, W = frame.shape[:2]
-        h, w = f.shape
-        x0, y0 = cx - f.col, cy - f.row
-        fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
-        if fx1 - fx0 < 2 or fy1 - fy0 < 2:
-            return
-        rows, cols = slice(fy0 - y0, fy1 - y0), slice(fx0 - x0, fx1 - x0)
-        map_x = cv2.addWeighted(f.shift_x[rows, cols], -reach, f.grid_x[rows, cols], 1.0, float(x0))
-        map_y = cv2.addWeighted(f.shift_y[rows, cols], drop, f.grid_y[rows, cols], 1.0, float(y0))
-        split = min(max(f.row - (fy0 - y0), 0), map_y.shape[0])  # the lip line's row in the region
-        line = float(cy)
-        np.minimum(map_y[:split], line, out=map_y[:split])  # above the line nothing comes from below
-        np.maximum(map_y[split:], line, out=map_y[split:])  # below it the gap repeats the lip line
-        region = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        _paint_inside(region, f, f.col - (fx0 - x0), split, drop, reach, lip)
-        out[fy0:fy1, fx0:fx1] = region
 
     # the renderer holds no per-avatar or per-request state: render() may mix avatars freely
 
 
-def _paint_inside(
-    region: np.ndarray, f: Fields, col: int, line: int, drop: float, reach: float, lip: np.ndarray
-) -> None:
-    """Paint the opening between the lips into ``region`` (in place): centre column ``col``, lip
-    line row ``line``, jaw drop ``drop`` and corner motion ``reach`` in pixels, shades of the lips'
-    colour ``lip``: a shadow under the upper lip, dark inside, the tongue low in the middle."""
-    half = LENS_STRETCH * f.half_width + reach
-    lift = UPPER_LIFT * drop
-    if half < 1.0 or drop < 0.3:
+@dataclass(frozen=True)
+class Mouth:
+    """One frame's mouth: the rig's fields placed at column ``cx`` and parting line ``line`` (frame
+    pixels), opened by ``drop`` (the lower lip's fall, pixels) with the corners moved out by
+    ``reach`` (pixels; negative: in)."""
+
+    fields: Fields
+    cx: int
+    line: float
+    drop: float
+    reach: float
+
+
+def _draw(out: np.ndarray, frame: np.ndarray, m: Mouth, bright: float, teeth_at_rest: bool) -> None:
+    """Warp the region around the mouth of ``frame`` into ``out`` and paint the opening."""
+    f = m.fields
+    H, W = frame.shape[:2]
+    h, w = f.shape
+    line_row = math.floor(m.line)
+    x0, y0 = m.cx - f.col, line_row - f.row
+    fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(W, x0 + w), min(H, y0 + h)
+    if fx1 - fx0 < 2 or fy1 - fy0 < 2:
         return
-    soft_top = max(0.7, 0.008 * f.face_width)
-    soft_bottom = max(1.0, 0.02 * f.face_width)
+    rows, cols = slice(fy0 - y0, fy1 - y0), slice(fx0 - x0, fx1 - x0)
+    map_x = cv2.addWeighted(f.shift_x[rows, cols], -m.reach, f.grid_x[rows, cols], 1.0, float(x0))
+    map_y = cv2.addWeighted(f.shift_y[rows, cols], m.drop, f.grid_y[rows, cols], 1.0, float(y0))
+    split = min(max(line_row + 1 - fy0, 0), map_y.shape[0])  # rows down to the parting line
+    np.minimum(map_y[:split], m.line, out=map_y[:split])  # above the line nothing comes from below
+    np.maximum(map_y[split:], m.line, out=map_y[split:])  # below it the gap repeats the lip line
+    region = cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    _paint_inside(region, m, m.cx - fx0, m.line - fy0, bright, teeth_at_rest)
+    out[fy0:fy1, fx0:fx1] = region
+
+
+def _paint_inside(region: np.ndarray, m: Mouth, col: int, line: float, bright: float, teeth_at_rest: bool) -> None:
+    """Paint the opening between the lips into ``region`` (in place; ``col`` and ``line``: the
+    mouth centre and parting line in its pixels), in shades scaled to the lips' brightness: dark
+    inside, a shadow under the upper lip, the tongue low in the middle and, unless teeth already
+    show at rest, a hint of the upper teeth. Every edge is feathered."""
+    f = m.fields
+    half = f.opening_half
+    lift = UPPER_LIFT * m.drop
+    if half < 1.0 or m.drop < 0.3:
+        return
+    feather = max(0.8, FEATHER * f.face_width)
     c0 = max(0, int(col - half - 1))
     c1 = min(region.shape[1], math.ceil(col + half + 2))
-    r0 = max(0, int(line - lift - soft_top - 1))
-    r1 = min(region.shape[0], math.ceil(line + drop + soft_bottom + 2))
+    r0 = max(0, int(line - lift - feather - 1))
+    r1 = min(region.shape[0], math.ceil(line + m.drop + feather + 2))
     if c1 <= c0 or r1 <= r0:
         return
     x = np.arange(c0, c1, dtype=np.float32) - col
     y = (np.arange(r0, r1, dtype=np.float32) - line)[:, None]
-    profile = lens(x, half)[None, :]
+    profile = lip_profile(x, half)[None, :]
     top = -lift * profile
-    bottom = drop * profile
-    inside = np.clip((y - top) / soft_top + 0.5, 0, 1) * np.clip((bottom - y) / soft_bottom + 0.5, 0, 1)
-    inside *= np.clip(profile * 4.0, 0, 1)  # taper into the corners
-    depth = np.clip((y - top) / np.maximum(bottom - top, 1e-3), 0, 1)  # 0 at the upper lip, 1 low
+    gap = (m.drop + lift) * profile
+    inside = np.clip((y - top) / feather + 0.5, 0, 1) * np.clip((top + gap - y) / feather + 0.5, 0, 1)
+    inside *= np.clip(gap / feather, 0, 1)  # where the lips barely part, only a shadow
+    depth = np.clip((y - top) / np.maximum(gap, 1e-3), 0, 1)  # 0 at the upper lip, 1 at the lower
     across = np.clip(np.abs(x) / half, 0, 1)[None, :]  # 0 in the middle, 1 at the corners
-    # brightness: deepest just under the upper lip and towards the corners, lighter low in the middle
-    level = float(np.clip(lip.max() / 255.0, 0.35, 1.0))
-    value = 40.0 + 55.0 * smoothstep((depth - 0.15) / 0.85) * (1.0 - across) - 15.0 * across
-    tongue = (
-        smoothstep((depth - 0.45) / 0.55) * (1.0 - across * across) * min(1.0, drop / (0.06 * f.face_width))
-    )
-    value = (value + 70.0 * tongue) * level
-    hue = _THROAT + (_TONGUE - _THROAT) * tongue[..., None]
-    colour = hue * value[..., None]
-    alpha = (0.96 * inside)[..., None]
+    opened = min(1.0, m.drop / (0.06 * f.face_width))
+    colour = bright * _THROAT * (1.0 - 0.45 * across)[..., None] * np.ones_like(depth)[..., None]
+    tongue = smoothstep((depth - 0.35) / 0.6) * (1.0 - across * across) * opened
+    colour += (bright * _TONGUE - colour) * tongue[..., None]
+    middle = 1.0 - smoothstep((across - 0.35) / 0.4)
+    enamel = _TEETH * float(np.clip(bright / 200.0, 0.5, 1.1))
+    if teeth_at_rest:  # the upper teeth are the picture's own: hint at the lower ones
+        teeth = smoothstep((depth - 0.7) / 0.22) * middle * opened * 0.5
+    else:
+        teeth = (1.0 - smoothstep(depth / 0.3)) * middle * opened * 0.6
+    colour += (enamel - colour) * teeth[..., None]
+    colour *= (0.55 + 0.45 * smoothstep(depth / 0.12))[..., None]  # the upper lip's shadow
+    alpha = inside[..., None]
     patch = region[r0:r1, c0:c1].astype(np.float32)
     patch += (colour - patch) * alpha
     region[r0:r1, c0:c1] = np.clip(patch + 0.5, 0, 255).astype(np.uint8)

@@ -7,7 +7,10 @@ works as it is::
     sd-vae/config.json + diffusion_pytorch_model.{bin,safetensors}
     whisper/config.json + preprocessor_config.json + {pytorch_model.bin,model.safetensors}
     face-parse-bisent/79999_iter.pth + resnet18-5c106cde.pth      (optional: blending masks)
+    dwpose/dw-ll_ucoco_384.pth                                      (optional: face landmarks)
     taesd/config.json + diffusion_pytorch_model.{bin,safetensors}  (optional: the fast decoder)
+
+This module imports nothing heavy (no torch): ``musetalk-stream models check`` runs without it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ class ModelLayout:
     @property
     def resnet_weights(self) -> Path:
         return self.root / "face-parse-bisent" / "resnet18-5c106cde.pth"
+
+    @property
+    def dwpose_weights(self) -> Path:
+        return self.root / "dwpose" / "dw-ll_ucoco_384.pth"
 
     def has_face_parsing(self) -> bool:
         return self.face_parse_weights.is_file() and self.resnet_weights.is_file()
@@ -126,12 +133,61 @@ def check_models(
     return problems
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """One file the layout expects: where (with any accepted alternative names), whether MuseTalk
+    needs it, what it is for, and (optional files) what its absence costs."""
+
+    path: Path
+    required: bool
+    purpose: str
+    present: bool
+    alternatives: tuple[str, ...] = ()
+    without: str = ""
+
+
+FACE_PARSING_COST = "blending masks fall back to an ellipse over the lower face (the jaw is not parsed)"
+DWPOSE_COST = "face boxes come from the offline face-box fallback (a Haar cascade, refined), not from landmarks"
+TAESD_COST = "decoder='taesd' (the fast tiny decoder) cannot be chosen; sd-vae, the default, decodes"
+
+
+def _file(
+    folder: Path, names: tuple[str, ...], purpose: str, required: bool = True, without: str = ""
+) -> ModelFile:
+    present = any((folder / name).is_file() for name in names)
+    return ModelFile(folder / names[0], required, purpose, present, names[1:], without)
+
+
+def model_report(root: str | Path, *, version: str = "v15") -> list[ModelFile]:
+    """Every file of the layout under ``root``, required ones first, each marked present or not."""
+    layout = ModelLayout(Path(root), version)
+    name = "v1.5" if version == "v15" else version
+    unet = layout.unet_weights.parent
+    diffusers = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors")
+    parsing = layout.face_parse_weights.parent
+    return [
+        _file(unet, (layout.unet_config.name,), f"MuseTalk {name} UNet configuration"),
+        _file(unet, (layout.unet_weights.name,), f"MuseTalk {name} UNet weights"),
+        _file(layout.vae_dir, ("config.json",), "sd-vae configuration"),
+        _file(layout.vae_dir, diffusers, "sd-vae weights (encoder and decoder)"),
+        _file(layout.whisper_dir, ("config.json",), "whisper-tiny configuration"),
+        _file(layout.whisper_dir, ("preprocessor_config.json",), "whisper-tiny feature extractor"),
+        _file(layout.whisper_dir, ("pytorch_model.bin", "model.safetensors"), "whisper-tiny weights"),
+        _file(parsing, (layout.face_parse_weights.name,), "face parsing (BiSeNet)", False, FACE_PARSING_COST),
+        _file(parsing, (layout.resnet_weights.name,), "face parsing's ResNet-18 trunk", False, FACE_PARSING_COST),
+        _file(layout.dwpose_weights.parent, (layout.dwpose_weights.name,), "DWPose face landmarks", False, DWPOSE_COST),
+        _file(layout.taesd_dir, ("config.json",), "TAESD configuration", False, TAESD_COST),
+        _file(layout.taesd_dir, diffusers, "TAESD weights", False, TAESD_COST),
+    ]
+
+
 # (repository, files, folder below root) as MuseTalk's download script fetches them.
 _DOWNLOADS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("TMElyralab/MuseTalk", ("musetalkV15/musetalk.json", "musetalkV15/unet.pth"), ""),
     ("stabilityai/sd-vae-ft-mse", ("config.json", "diffusion_pytorch_model.bin"), "sd-vae"),
     ("openai/whisper-tiny", ("config.json", "pytorch_model.bin", "preprocessor_config.json"), "whisper"),
     ("ManyOtherFunctions/face-parse-bisent", ("79999_iter.pth", "resnet18-5c106cde.pth"), "face-parse-bisent"),
+    ("yzd-v/DWPose", ("dw-ll_ucoco_384.pth",), "dwpose"),
 )
 _TAESD = ("madebyollin/taesd", ("config.json", "diffusion_pytorch_model.safetensors"), "taesd")
 
