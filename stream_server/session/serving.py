@@ -158,12 +158,13 @@ class Serving:
         assert request.offer is not None
         settings = self.settings.stream
         progress = ProgressReporter(outbox, lambda: request.frames_total)
-        sender = WebRtcSender(
-            stream,
-            ready,
-            [server.model_dump(exclude_none=True) for server in settings.ice_servers],
-            on_frames=lambda n: (self.metrics.frames.inc(n), progress.add(n)),
-        )
+
+        def on_frames(n: int) -> None:
+            self.metrics.frames.inc(n)
+            progress.add(n)
+
+        ice_servers = [server.model_dump(exclude_none=True) for server in settings.ice_servers]
+        sender = WebRtcSender(stream, ready, ice_servers, on_frames=on_frames)
         request.rtc = sender
         try:
             try:
