@@ -34,6 +34,7 @@ class Dispatcher(Generic[OwnerT]):
         self.heartbeat_s = heartbeat_s
         self.render_fps = render_fps
         self._changed = asyncio.Event()
+        admission.on_change = self.changed
 
     def changed(self) -> None:
         """Something about the line changed: grant what can be granted and push positions."""
@@ -44,7 +45,6 @@ class Dispatcher(Generic[OwnerT]):
         if await self.admission.release(ticket_id, time.monotonic(), served=served) is not None and served:
             self.metrics.service.labels(mode).observe(held_s)
         self.metrics.sessions_active.set(self.admission.serving_count)
-        self.changed()
 
     async def run(self) -> None:
         tick = self.heartbeat_s / HEARTBEAT_PHASES

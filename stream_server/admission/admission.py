@@ -7,6 +7,7 @@ ticket a resume may take back. Nothing else keeps a copy of either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -15,6 +16,10 @@ from stream_server.admission.policy import AdmissionPolicy, Ticket
 from stream_server.admission.store import AdmissionStore, Grant, NewTicket
 
 OwnerT = TypeVar("OwnerT", bound=TicketOwner)
+
+
+def _nothing() -> None:
+    """No one listens for changes (an admission driven step by step, as in tests)."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class Admission(Generic[OwnerT]):
         """Owners of this node's granted tickets, until released."""
         self._parked: dict[str, str] = {}
         """Resume key -> the detached ticket it may take back."""
+        self.on_change: Callable[[], None] = _nothing
+        """Called after every step that changed the line (the dispatcher subscribes)."""
 
     @property
     def serving_count(self) -> int:
@@ -69,12 +76,14 @@ class Admission(Generic[OwnerT]):
             self._forget(old.id)
         if owner is not None:
             self._owners[ticket_id] = owner
+        self.on_change()
         return ticket
 
     async def leave(self, ticket_id: str) -> Ticket | None:
         """Remove a waiting (or detached) ticket for good; ``None`` if it was not waiting."""
         ticket = await self.store.remove(ticket_id)
         self._forget(ticket_id)
+        self.on_change()
         return ticket
 
     async def detach(self, ticket_id: str, now: float) -> Ticket | None:
@@ -83,6 +92,7 @@ class Admission(Generic[OwnerT]):
         owner = self._owners.get(ticket_id)
         if ticket is not None and owner is not None:
             self._parked[owner.resume_key] = ticket_id
+        self.on_change()
         return ticket
 
     def parked(self, resume_key: str) -> str | None:
@@ -99,6 +109,7 @@ class Admission(Generic[OwnerT]):
         owner = self._owners.get(ticket_id)
         if owner is not None:
             self._parked.pop(owner.resume_key, None)
+        self.on_change()
         return ticket
 
     async def grant(self, now: float) -> Grant | None:
@@ -115,7 +126,9 @@ class Admission(Generic[OwnerT]):
     async def release(self, ticket_id: str, now: float, *, served: bool = True) -> Ticket | None:
         """Free the slot held by ``ticket_id`` (idempotent)."""
         self._serving.pop(ticket_id, None)
-        return await self.store.release(ticket_id, now, served=served)
+        ticket = await self.store.release(ticket_id, now, served=served)
+        self.on_change()
+        return ticket
 
     async def view(self, now: float) -> QueueView:
         """The whole line in grant order with each ticket's estimated wait."""
@@ -136,3 +149,4 @@ class Admission(Generic[OwnerT]):
 
     async def set_slots(self, total: int) -> None:
         await self.store.set_slots(total)
+        self.on_change()

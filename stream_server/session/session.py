@@ -128,8 +128,6 @@ class Session:
             reply = FINISHED_ERRORS[RequestStatus.EXPIRED]
             assert reply is not None
             raise ProtocolError(*reply)
-        if owner is not None:
-            services.dispatcher.changed()
 
     async def _resume(self, token: str, identity: Identity) -> RequestOwner | None:
         """Take back a detached request, if the token is genuine, in time and the same identity's.
@@ -193,7 +191,6 @@ class Session:
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
-        services.dispatcher.changed()
 
     async def _audio_end(self) -> None:
         self.machine.check(Event.AUDIO_END)
@@ -228,7 +225,6 @@ class Session:
         if request.status is RequestStatus.WAITING:
             self.outbox.set_status(None)
             await self.services.admission.leave(request.ticket_id)
-            self.services.dispatcher.changed()
         elif request.task is not None:
             await self._stop_serving(request)
         await self.services.serving.replay(request, self.outbox)
@@ -304,7 +300,6 @@ class Session:
         request.status = RequestStatus.CANCELLED
         if waiting:
             await self.services.admission.leave(request.ticket_id)
-            self.services.dispatcher.changed()
         if request.stream is not None:
             request.stream.cancel()
         if request.task is not None and request.task is not asyncio.current_task():
@@ -325,7 +320,6 @@ class Session:
         if self.state is SocketState.QUEUED and request is not None:
             await self.services.admission.detach(request.ticket_id, time.monotonic())
             request.status = RequestStatus.DETACHED
-            self.services.dispatcher.changed()
         elif request is not None:
             await self._drop_request(request)
         if self.machine.allows(Event.CLOSE):
