@@ -1,7 +1,9 @@
 """The session socket's wire protocol, typed once (CONTRACT.md, "Session socket").
 
-Handlers never touch raw dictionaries: ``parse_client_message`` turns a text frame into one of the
-client models or raises ``ProtocolError`` with the code the client will see.
+Both directions are models. ``parse_client_message`` turns a client's text frame into one of the
+client models or raises ``ProtocolError`` with the code the client will see; every server message
+is a ``ServerMessage`` put on the wire by its ``encode`` only, and ``parse_server_message`` reads
+one back (for clients). Handlers never touch raw dictionaries.
 """
 
 from __future__ import annotations

@@ -134,13 +134,12 @@ class Admission(Generic[OwnerT]):
         """The whole line in grant order with each ticket's estimated wait."""
         await self._expire(now)
         line = await self.store.line(now)
-        waiting = list(line.waiting)
         return QueueView(
-            waiting=waiting,
-            eta_s=self.policy.estimates(waiting, line.busy, line.slots_total, line.times),
+            waiting=line.waiting,
+            eta_s=self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times),
             slots_total=line.slots_total,
             slots_busy=len(line.busy),
-            busy=list(line.busy),
+            busy=line.busy,
         )
 
     def owner(self, ticket_id: str) -> OwnerT | None:

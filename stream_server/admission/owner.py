@@ -11,6 +11,7 @@ class TicketOwner(ABC):
     """Who waits for a ticket: the dispatcher pushes it queue status and hands it the grant.
     Neither call may block or await: a thousand owners hear from one dispatcher round."""
 
+    __slots__ = ("resume_key",)
     resume_key: str
     """What a resume names this owner by (the session id that the resume token carries)."""
 

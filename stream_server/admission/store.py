@@ -10,7 +10,6 @@ join is decided again). No step decides anything: the rules are in ``policy.py``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stream_server.admission.eta import ServiceTimes
@@ -33,8 +32,8 @@ class Grant:
 class LineState:
     """The waiting tickets in grant order, the busy slots and the measured service times."""
 
-    waiting: Sequence[Ticket]
-    busy: Sequence[tuple[str, float]]
+    waiting: list[Ticket]
+    busy: list[tuple[str, float]]
     """(tier, seconds held so far) of every busy slot."""
     slots_total: int
     times: ServiceTimes

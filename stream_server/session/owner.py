@@ -15,6 +15,8 @@ class RequestOwner(TicketOwner):
     """The handle admission keeps for a ticket: it survives the socket for the resume grace, and
     a resumed session rebinds it to its own outbox."""
 
+    __slots__ = ("tier", "request", "outbox", "_start", "_last_position")
+
     def __init__(
         self, resume_key: str, tier: str, request: Request, outbox: Outbox, start: Callable[[Grant], bool]
     ) -> None:

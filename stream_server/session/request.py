@@ -53,7 +53,7 @@ FINISHED_ERRORS: dict[RequestStatus, tuple[ErrorCode, str] | None] = {
 """The one table of what a client hears when its request ends in an error (``{detail}``: the cause)."""
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Request:
     """One ``start``: its ticket, its audio and, once granted, its engine stream."""
 

@@ -61,6 +61,11 @@ class SessionServices:
 
 
 class Session:
+    __slots__ = (
+        "services", "outbox", "address", "id", "machine", "identity", "request", "bad_messages", "_requests",
+        "close_code",
+    )
+
     def __init__(self, services: SessionServices, outbox: Outbox, address: str) -> None:
         self.services = services
         self.outbox = outbox

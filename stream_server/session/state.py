@@ -11,6 +11,7 @@ client sees, and changes nothing.
 from __future__ import annotations
 
 import enum
+from collections import deque
 
 from stream_server.protocol import ErrorCode, ProtocolError
 
@@ -63,10 +64,16 @@ REFUSALS: dict[Event, tuple[ErrorCode, str]] = {
 """What the client hears for a step its state does not allow (after ``hello``)."""
 
 
+HISTORY = 32
+
+
 class SessionStateMachine:
+    __slots__ = ("state", "history")
+
     def __init__(self) -> None:
         self.state = SocketState.NEW
-        self.history: list[SocketState] = [SocketState.NEW]
+        self.history: deque[SocketState] = deque([SocketState.NEW], maxlen=HISTORY)
+        """The states it went through, the last ``HISTORY`` of them."""
 
     def allows(self, event: Event) -> bool:
         return (self.state, event) in TRANSITIONS
