@@ -41,14 +41,14 @@ def test_a_request_goes_through_the_documented_states() -> None:
     machine = SessionStateMachine()
     for event in (E.HELLO, E.START, E.AUDIO, E.AUDIO_END, E.GRANT, E.OFFER, E.END, E.START, E.CANCEL, E.CLOSE):
         machine.apply(event)
-    assert list(machine.history) == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE, S.QUEUED, S.IDLE, S.CLOSED]
+    assert machine.history == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE, S.QUEUED, S.IDLE, S.CLOSED]
 
 
 def test_a_resume_goes_straight_back_to_the_line() -> None:
     machine = SessionStateMachine()
     machine.apply(E.RESUME)
     machine.apply(E.GRANT)
-    assert list(machine.history) == [S.NEW, S.QUEUED, S.STREAMING]
+    assert machine.history == [S.NEW, S.QUEUED, S.STREAMING]
 
 
 @pytest.mark.parametrize("state", list(SocketState))
@@ -60,7 +60,7 @@ def test_every_step_the_table_does_not_allow_is_refused_and_changes_nothing(stat
     machine.state = state
     with pytest.raises(ProtocolError) as refused:
         machine.apply(event)
-    assert machine.state is state and list(machine.history) == [S.NEW]
+    assert machine.state is state and machine.history == [S.NEW]
     if state is S.NEW:
         assert refused.value.message == "the first message must be hello"
     elif event in REFUSALS:
@@ -171,8 +171,8 @@ async def test_a_waiting_session_hears_its_place_and_is_granted_when_the_slot_fr
     await send(waiter, wire, '{"type":"audio_end"}')
     done = await wire.expect(Done)
     assert isinstance(done, Done) and done.frames == 12 and done.clip is not None and wire.media > 0
-    assert list(waiter.machine.history) == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE]
-    assert list(holder.machine.history) == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE]
+    assert waiter.machine.history == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE]
+    assert holder.machine.history == [S.NEW, S.IDLE, S.QUEUED, S.STREAMING, S.IDLE]
 
 
 async def test_a_failed_resume_by_another_identity_keeps_the_owners_place(node: Node) -> None:
@@ -201,4 +201,4 @@ async def test_a_failed_resume_by_another_identity_keeps_the_owners_place(node: 
     assert isinstance(resumed, Welcome) and resumed.session == welcome.session
     queued = await back_wire.expect(Queued)
     assert isinstance(queued, Queued) and queued.position == 1
-    assert list(back.machine.history) == [S.NEW, S.QUEUED]
+    assert back.machine.history == [S.NEW, S.QUEUED]

@@ -11,7 +11,6 @@ client sees, and changes nothing.
 from __future__ import annotations
 
 import enum
-from collections import deque
 
 from stream_server.protocol import ErrorCode, ProtocolError
 
@@ -72,8 +71,9 @@ class SessionStateMachine:
 
     def __init__(self) -> None:
         self.state = SocketState.NEW
-        self.history: deque[SocketState] = deque([SocketState.NEW], maxlen=HISTORY)
-        """The states it went through, the last ``HISTORY`` of them."""
+        self.history: list[SocketState] = [SocketState.NEW]
+        """The states it went through, the last ``HISTORY`` of them (a list: a deque costs a
+        thousand waiting sockets half a megabyte)."""
 
     def allows(self, event: Event) -> bool:
         return (self.state, event) in TRANSITIONS
@@ -93,5 +93,7 @@ class SessionStateMachine:
         new = TRANSITIONS[(self.state, event)]
         if new is not self.state:
             self.history.append(new)
+            if len(self.history) > HISTORY:
+                del self.history[0]
         self.state = new
         return new
