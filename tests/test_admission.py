@@ -26,6 +26,7 @@ from stream_server.admission.admission import Admission
 from stream_server.admission.memory import MemoryAdmissionStore
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.policy import AdmissionPolicy, IdentityBusy, QueueFull
+from stream_server.admission.store import NewTicket
 from stream_server.settings import QueueSettings, TierSettings
 
 TIERS = ("vip", "normal", "low")
@@ -734,3 +735,19 @@ async def test_a_resume_by_another_identity_leaves_the_owners_ticket_detached():
     got = await q.reattach("A", "alice", 4.0)  # the owner's own resume, a second later
     assert got is not None and got.id == "A"
     assert waiting_ids(q, 4.0) == ["A", "B"]
+
+
+async def test_a_join_decided_on_a_stale_snapshot_is_not_inserted():
+    # The store's join is snapshot -> policy -> conditional insert (WATCH/MULTI on a shared
+    # store): a line that changed in between makes the insert fail, and the join is decided again.
+    store = MemoryAdmissionStore(list(TIERS), 1)
+    policy = AdmissionPolicy(make_settings(caps=(1000, 1, 1000)))
+    snapshot, version = await store.join_snapshot("a", "normal", 0.0)
+    key = policy.admit("normal", 0.0, snapshot)
+    rival = NewTicket("B", "b", "normal", "x", 0.0, key)
+    assert await store.insert(rival, version) is not None  # another node's join got in first
+    assert await store.insert(NewTicket("A", "a", "normal", "x", 0.0, key), version) is None
+    assert [t.id for t in (await store.line(0.0)).waiting] == ["B"] and store.identities == {"b": 1}
+    snapshot, version = await store.join_snapshot("a", "normal", 0.0)
+    with pytest.raises(QueueFull):  # decided again: the normal tier (cap 1) is full now
+        policy.admit("normal", 0.0, snapshot)
