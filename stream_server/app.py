@@ -33,7 +33,6 @@ from stream_server.protocol import (
     message_id,
     parse_client_message,
 )
-from stream_server.session import Session
 from stream_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,11 +54,9 @@ def origin_allowed(websocket_or_request: WebSocket | Request, allowed: list[str]
 async def session_socket(websocket: WebSocket, node: Node) -> None:
     if not origin_allowed(websocket, node.settings.server.allowed_origins):
         node.metrics.rejections.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
+        denial = error_message(ProtocolError(ErrorCode.FORBIDDEN_ORIGIN, "this origin may not connect"))
         await websocket.send_denial_response(
-            JSONResponse(
-                {"type": "error", "code": "forbidden_origin", "message": "this origin may not connect"},
-                status_code=403,
-            )
+            Response(denial.encode(), status_code=403, media_type="application/json")
         )
         return
     await websocket.accept()
@@ -73,7 +70,7 @@ async def session_socket(websocket: WebSocket, node: Node) -> None:
     outbox = Outbox(send, coalesce_s=node.settings.queue.coalesce_s)
     outbox.on_status_sent = node.metrics.position_pushes.inc
     client = websocket.client
-    session = Session(node, outbox, client.host if client else "unknown")
+    session = node.session(outbox, client.host if client else "unknown")
     node.metrics.connections.inc()
     limits = node.settings.limits
     close_code: int | None = None
@@ -115,7 +112,7 @@ async def session_socket(websocket: WebSocket, node: Node) -> None:
     except Exception:
         log.exception("session %s failed", session.id)
         with contextlib.suppress(Exception):
-            await send(error_message(ProtocolError(ErrorCode.INTERNAL, "server fault")))
+            await send(error_message(ProtocolError(ErrorCode.INTERNAL, "server fault")).encode())
             await websocket.close(CloseCode.INTERNAL_ERROR)
     finally:
         await session.disconnected()

@@ -1,9 +1,4 @@
-"""One serving node: admission, the grant loop, the position fan-out, engines, avatars and clips.
-
-Sessions register their tickets here. The dispatcher grants slots whenever something changes;
-the notifier recomputes the line once per change (batched) and hands every waiting session its
-new status through its outbox, which coalesces and never blocks the notifier.
-"""
+"""One serving node: wires admission, the dispatcher, engines, avatars and clips together."""
 
 from __future__ import annotations
 
@@ -12,75 +7,98 @@ import contextlib
 import gc
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from inference.engine import FPS
 from inference.pool import EngineConfig, EnginePool
-from stream_server.admission.backend import AdmissionQueue, Grant, QueueView
-from stream_server.admission.memory import MemoryAdmissionQueue
+from stream_server.admission.admission import Admission
+from stream_server.admission.memory import MemoryAdmissionStore
+from stream_server.admission.policy import AdmissionPolicy
 from stream_server.auth import Authenticator
 from stream_server.clips import ClipStore
+from stream_server.dispatcher import Dispatcher
 from stream_server.loop_lag import LoopLagMonitor
 from stream_server.metrics import Metrics
-from stream_server.protocol import encode
+from stream_server.outbox import Outbox
 from stream_server.ratelimit import RateLimiter
+from stream_server.session.owner import RequestOwner
+from stream_server.session.serving import Serving
+from stream_server.session.session import Session, SessionServices
 from stream_server.settings import TIER_NAMES, Settings
 
-if TYPE_CHECKING:
-    from stream_server.session import Session
-
 log = logging.getLogger(__name__)
-HEARTBEAT_PHASES = 10
 GC_THRESHOLDS = (20_000, 50, 100)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    engine = settings.engine
+    return EngineConfig(
+        kind=engine.kind,
+        models_dir=engine.models_dir,
+        device=engine.device,
+        dtype=engine.dtype,
+        workers=engine.workers,
+        max_batch=engine.max_batch,
+        avatar_cache=engine.avatar_cache,
+        data_dir=settings.server.data_dir,
+    )
+
+
 class Node:
+    """Constructed on the loop without blocking; ``start`` loads the engine in a thread."""
+
     def __init__(self, settings: Settings, *, engine: EnginePool | None = None) -> None:
         settings.check()
         self.settings = settings
         self.metrics = Metrics()
         self.auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
-        self.admission: AdmissionQueue = MemoryAdmissionQueue(settings.queue, settings.engine.slots)
-        data = settings.server.data_dir
-        self.engine = engine or EnginePool(
-            EngineConfig(
-                kind=settings.engine.kind,
-                models_dir=settings.engine.models_dir,
-                device=settings.engine.device,
-                dtype=settings.engine.dtype,
-                workers=settings.engine.workers,
-                max_batch=settings.engine.max_batch,
-                avatar_cache=settings.engine.avatar_cache,
-                data_dir=data,
-            )
+        self.admission: Admission[RequestOwner] = Admission(
+            AdmissionPolicy(settings.queue), MemoryAdmissionStore(list(settings.queue.tiers), settings.engine.slots)
         )
-        self.clips = ClipStore(data / "clips", settings.stream.clip_cache_bytes)
+        self.dispatcher = Dispatcher(
+            self.admission, self.metrics, settings.queue.heartbeat_s, lambda: self.engine.frames_per_second()
+        )
+        self._engine = engine
+        self.clips = ClipStore(settings.server.data_dir / "clips", settings.stream.clip_cache_bytes)
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
-        self.waiting_sessions: dict[str, Session] = {}
-        self.granted_sessions: dict[str, Session] = {}
-        self.parked: dict[str, tuple[Session, float]] = {}
         self.ready = False
-        self._changed = asyncio.Event()
+        self._services: SessionServices | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_view: QueueView | None = None
         self.metrics.slots_total.set(settings.engine.slots)
+
+    @property
+    def engine(self) -> EnginePool:
+        if self._engine is None:
+            raise RuntimeError("the node has not started: no engine yet")
+        return self._engine
 
     # ----- lifecycle -----
 
     async def start(self) -> None:
-        default = await asyncio.to_thread(self.engine.avatars.ensure_default)
+        if self._engine is None:
+            self._engine = await asyncio.to_thread(EnginePool, engine_config(self.settings))
+        engine = self._engine
+        default = await asyncio.to_thread(engine.avatars.ensure_default)
         if self.settings.engine.slots == 0:
             await self._calibrate_slots(default.id)
-        self.engine.start()
+        engine.start()
+        self._services = SessionServices(
+            settings=self.settings,
+            auth=self.auth,
+            engine=engine,
+            admission=self.admission,
+            dispatcher=self.dispatcher,
+            serving=Serving(self.settings, engine, self.clips, self.metrics),
+            start_limiter=self.start_limiter,
+        )
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.
         gc.collect()
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self._tasks = [
-            asyncio.create_task(self._dispatch_loop(), name="dispatcher"),
+            asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
         ]
         self.ready = True
@@ -92,7 +110,8 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.to_thread(self.engine.stop)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.stop)
 
     async def _calibrate_slots(self, avatar_id: str) -> None:
         """``engine.slots = 0``: admit as many sessions as the measured render rate keeps at
@@ -107,99 +126,11 @@ class Node:
         await self.admission.set_slots(slots)
         self.metrics.slots_total.set(slots)
 
-    def changed(self) -> None:
-        """Something about the line changed: grant what can be granted and push positions."""
-        self._changed.set()
-
-    # ----- tickets -----
-
-    def register_waiting(self, ticket_id: str, session: Session) -> None:
-        self.waiting_sessions[ticket_id] = session
-        self.changed()
-
-    def forget_waiting(self, ticket_id: str) -> None:
-        self.waiting_sessions.pop(ticket_id, None)
-        self.changed()
-
-    async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
-        if self.granted_sessions.pop(ticket_id, None) is not None and served:
-            self.metrics.service.labels(mode).observe(held_s)
-        await self.admission.release(ticket_id, time.monotonic(), served=served)
-        self.metrics.sessions_active.set(len(self.granted_sessions))
-        self.changed()
-
-    def park(self, session: Session) -> None:
-        """A queued session's socket closed: keep it for the resume grace."""
-        self.parked[session.id] = (session, time.monotonic() + self.settings.queue.resume_grace_s)
-
-    def unpark(self, session_id: str) -> Session | None:
-        entry = self.parked.pop(session_id, None)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
-
-    # ----- the loops -----
-
-    async def _dispatch_loop(self) -> None:
-        """Grant and push positions on every change. Heartbeats go out in ``HEARTBEAT_PHASES``
-        slices of the line, so a thousand waiting clients never get them in one burst."""
-        tick = self.settings.queue.heartbeat_s / HEARTBEAT_PHASES
-        next_tick = time.monotonic() + tick
-        phase = 0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
-            self._changed.clear()
-            try:
-                await self._grant_all()
-                heartbeat = None
-                if time.monotonic() >= next_tick:
-                    next_tick = time.monotonic() + tick
-                    phase = (phase + 1) % HEARTBEAT_PHASES
-                    heartbeat = phase
-                    self._expire_parked()
-                await self._push_positions(heartbeat_phase=heartbeat)
-            except Exception:
-                log.exception("dispatcher round failed")
-                await asyncio.sleep(0.1)
-
-    async def _grant_all(self) -> None:
-        while True:
-            grant = await self.admission.grant(time.monotonic())
-            if grant is None:
-                return
-            self._on_grant(grant)
-
-    def _on_grant(self, grant: Grant) -> None:
-        ticket = grant.ticket
-        session = self.waiting_sessions.pop(ticket.id, None)
-        self.metrics.grants.labels(ticket.tier).inc()
-        self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
-        if session is None or not session.take_grant(grant):
-            asyncio.get_running_loop().create_task(self.release(ticket.id, served=False))
-            return
-        self.granted_sessions[ticket.id] = session
-        self.metrics.sessions_active.set(len(self.granted_sessions))
-
-    async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
-        view = await self.admission.view(time.monotonic())
-        self._last_view = view
-        size = len(view.waiting)
-        counts = dict.fromkeys(TIER_NAMES, 0)
-        for position, (ticket, eta) in enumerate(zip(view.waiting, view.eta_s, strict=True), start=1):
-            counts[ticket.tier] = counts.get(ticket.tier, 0) + 1
-            session = self.waiting_sessions.get(ticket.id)
-            if session is not None:
-                session.queue_status(position, size, eta, force=position % HEARTBEAT_PHASES == heartbeat_phase)
-        for tier, n in counts.items():
-            self.metrics.queue_waiting.labels(tier).set(n)
-        self.metrics.slots_busy.set(view.slots_busy)
-        self.metrics.render_fps.set(self.engine.frames_per_second())
-
-    def _expire_parked(self) -> None:
-        now = time.monotonic()
-        for sid in [sid for sid, (_, until) in self.parked.items() if until < now]:
-            del self.parked[sid]
+    def session(self, outbox: Outbox, address: str) -> Session:
+        """A session for a socket that was just accepted."""
+        if self._services is None:
+            raise RuntimeError("the node has not started")
+        return Session(self._services, outbox, address)
 
     # ----- public summaries -----
 
@@ -211,9 +142,3 @@ class Node:
             last = etas[-1] if etas else None
             tiers[tier] = {"size": len(etas), "eta_s": None if last is None else round(last, 1)}
         return {"tiers": tiers, "slots": {"total": view.slots_total, "busy": view.slots_busy}}
-
-
-def queued_message(position: int, size: int, tier: str, eta: float | None) -> str:
-    return encode(
-        "queued", position=position, queue_size=size, tier=tier, eta_s=None if eta is None else round(eta, 1)
-    )

@@ -38,7 +38,9 @@ class Outbox:
         self._send = send
         self.coalesce_s = coalesce_s
         self.max_media_bytes = max_media_bytes
-        self._items: deque[str | bytes] = deque()
+        self._items: deque[str | bytes] | None = None
+        """What waits to be written, while anything does: an empty deque costs 600 bytes, and a
+        thousand clients waiting in line have nothing but their status to be sent."""
         self._media_bytes = 0
         self._status: str | None = None
         self._tokens = float(STATUS_BURST)
@@ -49,9 +51,14 @@ class Outbox:
         self.closed = False
         self.on_status_sent: Callable[[], None] | None = None
 
+    def _queue(self) -> deque[str | bytes]:
+        if self._items is None:
+            self._items = deque()
+        return self._items
+
     def send(self, text: str) -> None:
         if not self.closed:
-            self._items.append(text)
+            self._queue().append(text)
             self._kick()
 
     def set_status(self, text: str | None) -> None:
@@ -67,7 +74,7 @@ class Outbox:
             await self._room
         if self.closed:
             raise OutboxClosed
-        self._items.append(data)
+        self._queue().append(data)
         self._media_bytes += len(data)
         self._kick()
 
@@ -79,7 +86,7 @@ class Outbox:
 
     def close(self) -> None:
         self.closed = True
-        self._items.clear()
+        self._items = None
         self._status = None
         _wake(self._room)
         _wake(self._nap)
@@ -106,13 +113,15 @@ class Outbox:
         loop = asyncio.get_running_loop()
         try:
             while not self.closed:
-                if self._items:
-                    item = self._items.popleft()
+                items = self._items
+                if items:
+                    item = items.popleft()
                     if isinstance(item, bytes):
                         self._media_bytes -= len(item)
                         _wake(self._room)
                     await self._send(item)
                     continue
+                self._items = None
                 if self._status is None:
                     return
                 wait = self._status_wait()

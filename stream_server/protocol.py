@@ -1,16 +1,18 @@
 """The session socket's wire protocol, typed once (CONTRACT.md, "Session socket").
 
-Handlers never touch raw dictionaries: ``parse_client_message`` turns a text frame into one of the
-client models or raises ``ProtocolError`` with the code the client will see.
+Both directions are models. ``parse_client_message`` turns a client's text frame into one of the
+client models or raises ``ProtocolError`` with the code the client will see; every server message
+is a ``ServerMessage`` put on the wire by its ``encode`` only, and ``parse_server_message`` reads
+one back (for clients). Handlers never touch raw dictionaries.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
 
 
 class ErrorCode(enum.StrEnum):
@@ -139,17 +141,134 @@ def message_id(text: str) -> Any:
 
 # ----- server to client -----
 
-
-def encode(kind: str, msg_id: Any = None, **fields: Any) -> str:
-    """A server message as compact JSON; ``id`` is echoed only when the client gave one."""
-    body: dict[str, Any] = {"type": kind, **fields}
-    if msg_id is not None:
-        body["id"] = msg_id
-    return json.dumps(body, separators=(",", ":"))
+JsonId = JsonValue
+"""The client's ``id``, echoed as given (a message that failed to parse may carry any JSON value)."""
 
 
-def error_message(err: ProtocolError, msg_id: Any = None) -> str:
-    fields: dict[str, Any] = {"code": err.code.value, "message": err.message}
-    if err.retry_after_s is not None:
-        fields["retry_after_s"] = round(err.retry_after_s, 1)
-    return encode("error", msg_id, **fields)
+class ServerMessage(BaseModel):
+    """A server message. ``encode`` is the one way onto the wire: compact JSON, ``type`` first,
+    ``id`` last and only when the client gave one; fields in ``OMIT_NONE`` are left out while
+    ``None`` and fields in ``OMIT_UNSET`` while not given (``done`` of a live time limit has no
+    ``clip``, a stored clip's ``done`` has ``"clip": null`` when storing failed). The bytes are
+    those ``json.dumps`` with compact separators writes: ASCII, other characters escaped."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+    OMIT_UNSET: ClassVar[frozenset[str]] = frozenset()
+
+    def encode(self) -> str:
+        omit = {name for name in self.OMIT_NONE if getattr(self, name) is None}
+        omit.update(name for name in self.OMIT_UNSET if name not in self.model_fields_set)
+        text = self.model_dump_json(exclude=omit or None)
+        # Escaping is several times slower in pydantic, and almost every message is ASCII already.
+        return text if text.isascii() else self.model_dump_json(exclude=omit or None, ensure_ascii=True)
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    max_audio_seconds: float
+    max_audio_bytes: int
+    max_message_bytes: int
+    max_live_session_s: float
+    fps: int
+
+
+class Welcome(ServerMessage):
+    OMIT_NONE = frozenset({"id"})
+    type: Literal["welcome"] = "welcome"
+    session: str
+    tier: str
+    resume: str
+    engine: str
+    limits: Limits
+    id: JsonId = None
+
+
+class Queued(ServerMessage):
+    type: Literal["queued"] = "queued"
+    position: int
+    queue_size: int
+    tier: str
+    eta_s: float | None
+
+
+class Granted(ServerMessage):
+    type: Literal["granted"] = "granted"
+    waited_s: float
+
+
+class Redirect(ServerMessage):
+    """Multi-node (CONTRACT.md): the slot is on another node; this single node never sends it."""
+
+    type: Literal["redirect"] = "redirect"
+    url: str
+    grant: str
+
+
+class StreamStart(ServerMessage):
+    """Media follows: fMP4 segments (``mime`` given) or a WebRTC peer connection."""
+
+    OMIT_NONE = frozenset({"mime"})
+    type: Literal["stream"] = "stream"
+    transport: Literal["mse", "webrtc"]
+    mime: str | None = None
+    width: int
+    height: int
+    fps: int
+
+
+class WebrtcAnswer(ServerMessage):
+    OMIT_NONE = frozenset({"id"})
+    type: Literal["webrtc_answer"] = "webrtc_answer"
+    sdp: str
+    id: JsonId = None
+
+
+class Progress(ServerMessage):
+    OMIT_NONE = frozenset({"total"})
+    type: Literal["progress"] = "progress"
+    frames: int
+    total: int | None = None
+
+
+class Done(ServerMessage):
+    OMIT_UNSET = frozenset({"clip"})
+    type: Literal["done"] = "done"
+    frames: int
+    duration_s: float
+    clip: str | None = None
+
+
+class ErrorMessage(ServerMessage):
+    OMIT_NONE = frozenset({"retry_after_s", "id"})
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    retry_after_s: float | None = None
+    id: JsonId = None
+
+
+class Pong(ServerMessage):
+    OMIT_NONE = frozenset({"id"})
+    type: Literal["pong"] = "pong"
+    id: JsonId = None
+
+
+AnyServerMessage = Annotated[
+    Welcome | Queued | Granted | Redirect | StreamStart | WebrtcAnswer | Progress | Done | ErrorMessage | Pong,
+    Field(discriminator="type"),
+]
+_server_adapter: TypeAdapter[AnyServerMessage] = TypeAdapter(AnyServerMessage)
+
+
+def parse_server_message(text: str | bytes) -> AnyServerMessage:
+    """A text frame from the server as its model (for clients); ``ValueError`` if it is none."""
+    try:
+        return _server_adapter.validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(f"not a server message: {exc}") from None
+
+
+def error_message(err: ProtocolError, msg_id: JsonId = None) -> ErrorMessage:
+    retry = None if err.retry_after_s is None else round(err.retry_after_s, 1)
+    return ErrorMessage(code=err.code, message=err.message, retry_after_s=retry, id=msg_id)

@@ -22,8 +22,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from stream_server.admission.memory import MemoryAdmissionQueue
-from stream_server.admission.policy import IdentityBusy, QueueFull
+from stream_server.admission.admission import Admission
+from stream_server.admission.memory import MemoryAdmissionStore
+from stream_server.admission.owner import TicketOwner
+from stream_server.admission.policy import AdmissionPolicy, IdentityBusy, QueueFull
+from stream_server.admission.store import NewTicket
 from stream_server.settings import QueueSettings, TierSettings
 
 TIERS = ("vip", "normal", "low")
@@ -58,7 +61,15 @@ def make_settings(
     )
 
 
-def waiting_ids(q: MemoryAdmissionQueue, now: float) -> list[str]:
+Queue = Admission[TicketOwner]
+
+
+def make_queue(cfg: QueueSettings, slots: int) -> Queue:
+    """The policy on the in-memory store: the single-node admission."""
+    return Admission(AdmissionPolicy(cfg), MemoryAdmissionStore(list(cfg.tiers), slots))
+
+
+def waiting_ids(q: Queue, now: float) -> list[str]:
     return [t.id for t in run(q.view(now)).waiting]
 
 
@@ -111,7 +122,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             grace=grace,
             max_waits=max_waits,
         )
-        self.q = MemoryAdmissionQueue(self.cfg, slots)
+        self.q = make_queue(self.cfg, slots)
         self.slots = slots
         self.now = 1000.0
         self.recs: dict[str, Rec] = {}
@@ -217,7 +228,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self._expire()
         tid = self._pick(i)
         r = self.recs.get(tid)
-        got = run(self.q.reattach(tid, self.now))
+        got = run(self.q.reattach(tid, r.identity if r is not None else "a", self.now))
         if r is not None and r.state == "detached":
             assert got is not None and got.id == tid and got.joined_at == r.joined_at
             r.state = "waiting"
@@ -326,9 +337,9 @@ class AdmissionMachine(RuleBasedStateMachine):
         expected: dict[str, int] = {}
         for r in self._in("waiting", "busy"):
             expected[r.identity] = expected.get(r.identity, 0) + 1
-        assert self.q.identities == expected
+        assert self.q.store.identities == expected
         assert all(n <= self.cfg.per_identity_cap for n in expected.values())
-        assert self.q.detached_count == len(self._in("detached"))
+        assert self.q.store.detached_count == len(self._in("detached"))
 
     def teardown(self):
         if not hasattr(self, "q"):
@@ -346,8 +357,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.now += self.cfg.resume_grace_s + 1
         view = run(self.q.view(self.now))
         assert view.waiting == [] and view.slots_busy == 0 and view.busy == []
-        assert self.q.detached_count == 0
-        assert self.q.identities == {}
+        assert self.q.store.detached_count == 0
+        assert self.q.store.identities == {}
         # and every identity can take a ticket again
         for n, ident in enumerate("abcde"):
             run(self.q.join(f"final{n}", ident, "vip", "avatar", self.now))
@@ -386,7 +397,7 @@ def every(tier: str, first: float, period: float, until: float) -> list[tuple[fl
     return [(first + i * period, f"{tier}{i}", tier) for i in range(n)]
 
 
-async def drive(q: MemoryAdmissionQueue, joins: list[tuple[float, str, str]], until: float) -> Outcome:
+async def drive(q: Queue, joins: list[tuple[float, str, str]], until: float) -> Outcome:
     """Open-loop load: each (time, id, tier) joins at its time under its own identity; a free slot
     is granted at once and held SERVICE seconds. At one instant: releases, then joins in list
     order, then grants."""
@@ -407,7 +418,7 @@ async def drive(q: MemoryAdmissionQueue, joins: list[tuple[float, str, str]], un
             except QueueFull as exc:
                 assert exc.retry_after_s > 0
                 out.refused.append((now, tier))
-        while len(running) < q.slots_total and (g := await q.grant(now)) is not None:
+        while len(running) < q.store.slots_total and (g := await q.grant(now)) is not None:
             running[g.ticket.id] = now + SERVICE
             out.granted[g.ticket.id] = now
         upcoming = [*running.values(), *([joins[i][0]] if i < len(joins) else [])]
@@ -443,7 +454,7 @@ def higher_tier_load(tiers: tuple[str, ...], until: float) -> list[tuple[float, 
 async def test_admitted_low_ticket_is_granted_within_its_max_wait_under_sustained_higher_tier_load(loaded, low_at):
     cfg = make_settings()
     w = {t: cfg.tiers[t].max_wait_s for t in TIERS}
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     until = low_at + w["low"] + 300
     out = await drive(q, [(low_at, "low", "low"), *higher_tier_load(loaded, until)], until)
 
@@ -473,7 +484,7 @@ async def test_admitted_low_ticket_is_granted_within_its_max_wait_under_sustaine
 async def test_a_higher_tier_ticket_joining_more_than_the_max_wait_difference_later_queues_behind(high, low):
     cfg = make_settings()
     gap = cfg.tiers[low].max_wait_s - cfg.tiers[high].max_wait_s  # 1080 s for vip over low
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     await q.join("L", "l", low, "a", 0.0)
     await q.join("H-early", "h1", high, "a", gap - 1)  # due 1 s before L: ahead of it
     await q.join("H-tie", "h2", high, "a", gap)  # due with L: arrival decides, L was first
@@ -485,7 +496,7 @@ async def test_an_admitted_vip_is_granted_within_its_max_wait_under_any_load():
     # Nothing can overtake a vip (a later ticket's deadline is at least its join + vip.max_wait_s),
     # so its estimate at admission holds: no slack at all, whatever the lower tiers do.
     cfg = make_settings()
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     until = 3000.0
     load = [*higher_tier_load(("vip", "normal"), until), *every("low", 2.0, 6.0, until)]
     load += [(1500.0, f"burst{n}", t) for n, t in enumerate(["low", "normal"] * 20)]
@@ -504,7 +515,7 @@ async def test_vip_is_not_refused_while_normal_joins_are_admitted():
     # (waits up to 670 s). Even with no vip before, a vip is refused with an estimate of 127-130 s:
     # the normals due before its deadline fill its 120 s, plus the session holding the slot.
     cfg = make_settings()
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     until = 3000.0
     out = await drive(q, [*every("normal", 0.0, 5.0, until), *every("vip", 2.5, 60.0, until)], until)
     normal_in = [tid for tid, at in out.joined.items() if out.tier[tid] == "normal" and at > 1000]
@@ -520,7 +531,7 @@ async def test_an_admitted_normal_ticket_is_not_pushed_past_its_max_wait_by_late
     # admitted (estimate 9.5 s) and overtakes the normals, until at t=90.5 the overdue normals
     # count ahead of it and the vip is refused; N9 is granted at t=180: it waited 170 s.
     cfg = make_settings(max_waits=(20.0, 100.0, 1000.0))
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     load = [(0.0, "m", "normal")]  # measures SERVICE before the rest joins
     load += [(10.0, f"N{n}", "normal") for n in range(10)]
     load += [(10.5 + 10 * k, f"V{k}", "vip") for k in range(9)]
@@ -536,7 +547,7 @@ async def test_an_admitted_normal_ticket_is_not_pushed_past_its_max_wait_by_late
 
 
 async def test_eta_is_unknown_until_a_served_session_is_measured():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     for n in range(3):
         await q.join(f"t{n}", f"u{n}", "normal", "a", float(n))
     assert (await q.view(3.0)).eta_s == [None, None, None]
@@ -549,7 +560,7 @@ async def test_eta_is_unknown_until_a_served_session_is_measured():
 
 
 async def test_eta_grows_with_position_and_shrinks_with_more_slots():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     await q.join("m", "m", "normal", "a", 0.0)
     await q.release((await q.grant(0.0)).ticket.id, 10.0)  # one session of 10 s measured
     for n in range(6):
@@ -568,7 +579,7 @@ async def test_eta_grows_with_position_and_shrinks_with_more_slots():
 
 async def test_join_over_the_tiers_max_wait_is_refused_with_retry_after():
     cfg = make_settings(max_waits=(20.0, 35.0, 900.0))
-    q = MemoryAdmissionQueue(cfg, slots=1)
+    q = make_queue(cfg, 1)
     await q.join("m", "m", "normal", "a", 0.0)
     await q.release((await q.grant(0.0)).ticket.id, 10.0)
     await q.join("busy", "busy", "normal", "a", 10.0)
@@ -580,7 +591,7 @@ async def test_join_over_the_tiers_max_wait_is_refused_with_retry_after():
     assert info.value.retry_after_s > 0
     assert "estimated wait" in info.value.reason
     assert waiting_ids(q, 10.0) == ["t0", "t1", "t2"]
-    assert "u3" not in q.identities
+    assert "u3" not in q.store.identities
     # a vip is due (t=30) before the normals (t=45): only the busy slot is ahead of it (10 s, under
     # its 20 s), but it would push t2 from 40 s to 50 s, past t2's deadline: refused, so that
     # tickets already waiting keep their maximum wait. A low ticket is due after them (40 s, under
@@ -603,7 +614,7 @@ async def test_join_over_the_tiers_max_wait_is_refused_with_retry_after():
 
 
 async def test_full_queue_is_refused_at_once_with_retry_after():
-    q = MemoryAdmissionQueue(make_settings(global_cap=3, caps=(1000, 1, 1000)), slots=1)
+    q = make_queue(make_settings(global_cap=3, caps=(1000, 1, 1000)), slots=1)
     await q.join("n0", "u0", "normal", "a", 0.0)
     with pytest.raises(QueueFull) as tier_full:
         await q.join("n1", "u1", "normal", "a", 0.0)
@@ -622,7 +633,7 @@ async def test_full_queue_is_refused_at_once_with_retry_after():
 
 
 async def test_reattach_within_grace_gets_the_same_place_back():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     for n, name in enumerate("ABCD"):
         await q.join(name, name.lower(), "normal", "x", float(n))
     await q.grant(4.0)  # A streams
@@ -631,73 +642,73 @@ async def test_reattach_within_grace_gets_the_same_place_back():
     assert waiting_ids(q, 5.0) == ["B", "D"]
     await q.join("E", "e", "normal", "x", 6.0)
     await q.leave("B")
-    got = await q.reattach("C", 34.0)  # 29 s later, inside the 30 s grace
+    got = await q.reattach("C", "c", 34.0)  # 29 s later, inside the 30 s grace
     assert got is not None and got.id == "C"
     assert waiting_ids(q, 34.0) == ["C", "D", "E"]  # still ahead of D, and of E who came later
-    assert q.identities == {"a": 1, "c": 1, "d": 1, "e": 1}
+    assert q.store.identities == {"a": 1, "c": 1, "d": 1, "e": 1}
 
 
 async def test_resumed_ticket_keeps_its_place_behind_a_vip_that_joined_meanwhile():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     await q.join("N1", "n1", "normal", "x", 0.0)
     await q.join("N2", "n2", "normal", "x", 1.0)
     await q.detach("N2", 2.0)
     await q.join("V", "v", "vip", "x", 3.0)  # due at 123, before N1 (600) and N2 (601)
-    await q.reattach("N2", 4.0)
+    await q.reattach("N2", "n2", 4.0)
     assert waiting_ids(q, 4.0) == ["V", "N1", "N2"]
 
 
 async def test_reattach_after_grace_fails_and_the_identity_may_join_again():
-    q = MemoryAdmissionQueue(make_settings(grace=30.0), slots=1)
+    q = make_queue(make_settings(grace=30.0), slots=1)
     await q.join("A", "alice", "normal", "x", 0.0)
     await q.detach("A", 1.0)
-    assert await q.reattach("A", 31.5) is None
-    assert q.detached_count == 0 and q.identities == {}
+    assert await q.reattach("A", "alice", 31.5) is None
+    assert q.store.detached_count == 0 and q.store.identities == {}
     await q.join("A2", "alice", "normal", "x", 32.0)
     assert waiting_ids(q, 32.0) == ["A2"]
 
 
 async def test_a_new_join_by_the_same_identity_supersedes_its_detached_ticket():
-    q = MemoryAdmissionQueue(make_settings(per_identity_cap=1), slots=1)
+    q = make_queue(make_settings(per_identity_cap=1), slots=1)
     await q.join("A", "alice", "normal", "x", 0.0)
     await q.join("B", "bob", "normal", "x", 1.0)
     await q.detach("A", 2.0)
     await q.join("A2", "alice", "normal", "x", 3.0)  # not IdentityBusy
-    assert await q.reattach("A", 4.0) is None
-    assert q.detached_count == 0
+    assert await q.reattach("A", "alice", 4.0) is None
+    assert q.store.detached_count == 0
     assert waiting_ids(q, 4.0) == ["B", "A2"]  # the new ticket has the new ticket's place
-    assert q.identities == {"alice": 1, "bob": 1}
+    assert q.store.identities == {"alice": 1, "bob": 1}
 
 
 async def test_a_refused_join_does_not_cost_the_detached_ticket_its_resume():
-    q = MemoryAdmissionQueue(make_settings(caps=(1000, 1000, 1)), slots=1)
+    q = make_queue(make_settings(caps=(1000, 1000, 1)), slots=1)
     await q.join("L", "lou", "low", "x", 0.0)
     await q.join("A", "alice", "normal", "x", 1.0)
     await q.detach("A", 2.0)
     with pytest.raises(QueueFull):
         await q.join("A2", "alice", "low", "x", 3.0)  # the low tier is full
-    got = await q.reattach("A", 4.0)
+    got = await q.reattach("A", "alice", 4.0)
     assert got is not None
     assert waiting_ids(q, 4.0) == ["A", "L"]
 
 
 async def test_detaching_twice_keeps_the_resume():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     await q.join("A", "alice", "normal", "x", 0.0)
     assert await q.detach("A", 1.0) is not None
     assert await q.detach("A", 2.0) is None
-    assert (await q.reattach("A", 3.0)) is not None
+    assert (await q.reattach("A", "alice", 3.0)) is not None
     assert waiting_ids(q, 3.0) == ["A"]
 
 
 async def test_a_resume_is_never_refused_for_a_full_queue():
-    q = MemoryAdmissionQueue(make_settings(global_cap=2), slots=1)
+    q = make_queue(make_settings(global_cap=2), slots=1)
     await q.join("A", "alice", "normal", "x", 0.0)
     await q.detach("A", 1.0)
     await q.join("B", "bob", "normal", "x", 2.0)
     with pytest.raises(QueueFull):  # A's place is held for its resume
         await q.join("C", "carol", "normal", "x", 3.0)
-    assert await q.reattach("A", 4.0) is not None
+    assert await q.reattach("A", "alice", 4.0) is not None
     assert waiting_ids(q, 4.0) == ["A", "B"]
     # once the grace is over the held place is free again
     await q.detach("A", 5.0)
@@ -706,9 +717,37 @@ async def test_a_resume_is_never_refused_for_a_full_queue():
 
 
 async def test_resumed_ticket_stays_ahead_of_one_that_joined_at_the_same_instant_after_it():
-    q = MemoryAdmissionQueue(make_settings(), slots=1)
+    q = make_queue(make_settings(), slots=1)
     await q.join("A", "alice", "normal", "x", 5.0)
     await q.join("B", "bob", "normal", "x", 5.0)  # same join time: arrival decides
     await q.detach("A", 6.0)
-    await q.reattach("A", 7.0)
+    await q.reattach("A", "alice", 7.0)
     assert waiting_ids(q, 7.0) == ["A", "B"]
+
+
+async def test_a_resume_by_another_identity_leaves_the_owners_ticket_detached():
+    q = make_queue(make_settings(), slots=1)
+    await q.join("A", "alice", "normal", "x", 0.0)
+    await q.join("B", "bob", "normal", "x", 1.0)
+    await q.detach("A", 2.0)
+    assert await q.reattach("A", "mallory", 3.0) is None
+    assert q.store.detached_count == 1
+    got = await q.reattach("A", "alice", 4.0)  # the owner's own resume, a second later
+    assert got is not None and got.id == "A"
+    assert waiting_ids(q, 4.0) == ["A", "B"]
+
+
+async def test_a_join_decided_on_a_stale_snapshot_is_not_inserted():
+    # The store's join is snapshot -> policy -> conditional insert (WATCH/MULTI on a shared
+    # store): a line that changed in between makes the insert fail, and the join is decided again.
+    store = MemoryAdmissionStore(list(TIERS), 1)
+    policy = AdmissionPolicy(make_settings(caps=(1000, 1, 1000)))
+    snapshot, version = await store.join_snapshot("a", "normal", 0.0)
+    key = policy.admit("normal", 0.0, snapshot)
+    rival = NewTicket("B", "b", "normal", "x", 0.0, key)
+    assert await store.insert(rival, version) is not None  # another node's join got in first
+    assert await store.insert(NewTicket("A", "a", "normal", "x", 0.0, key), version) is None
+    assert [t.id for t in (await store.line(0.0)).waiting] == ["B"] and store.identities == {"b": 1}
+    snapshot, version = await store.join_snapshot("a", "normal", 0.0)
+    with pytest.raises(QueueFull):  # decided again: the normal tier (cap 1) is full now
+        policy.admit("normal", 0.0, snapshot)

@@ -1,7 +1,7 @@
-"""The in-process admission queue, the single-node default.
+"""The in-process admission store, the single-node default.
 
-Nothing here awaits, so each method runs to completion on the event loop before any other task
-sees the queue: that is what makes check-and-reserve atomic on one node.
+Nothing here awaits, so each step runs to completion on the event loop before any other task
+sees the store: that is what makes every step atomic on one node.
 """
 
 from __future__ import annotations
@@ -10,172 +10,146 @@ import itertools
 
 from sortedcontainers import SortedList
 
-from stream_server.admission.backend import AdmissionQueue, Grant, QueueView
-from stream_server.admission.eta import OfferedWork, ServiceTimes, estimate_waits
-from stream_server.admission.policy import Admission, Ticket, TierPolicy
-from stream_server.settings import QueueSettings
+from stream_server.admission.eta import OfferedWork, ServiceTimes
+from stream_server.admission.policy import JoinSnapshot, Ticket
+from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket
 
 
-class MemoryAdmissionQueue(AdmissionQueue):
-    def __init__(self, settings: QueueSettings, slots: int) -> None:
-        self.policy = TierPolicy(settings)
-        self.settings = settings
-        self.slots_total = slots
+class MemoryAdmissionStore(AdmissionStore):
+    def __init__(self, tiers: list[str], slots: int) -> None:
+        self.tiers = tiers
+        self.slots_total = max(1, slots)
         self.times = ServiceTimes()
         self.offered = OfferedWork()
         self._seq = itertools.count()
+        self._version = 0
         self._waiting: SortedList = SortedList(key=lambda t: t.order)
         self._by_id: dict[str, Ticket] = {}
         self._detached: dict[str, tuple[Ticket, float]] = {}
         self._busy: dict[str, tuple[Ticket, float]] = {}
         self._identity: dict[str, int] = {}
 
-    # ----- helpers -----
+    def _changed(self) -> None:
+        self._version += 1
 
-    def _tier_count(self, tier: str) -> int:
-        return sum(1 for t in self._waiting if t.tier == tier)
-
-    def _expire(self, now: float) -> None:
-        for tid in [tid for tid, (_, until) in self._detached.items() if until <= now]:
-            del self._detached[tid]
-
-    def _activate(self, identity: str, delta: int) -> None:
+    def _count(self, identity: str, delta: int) -> None:
         count = self._identity.get(identity, 0) + delta
         if count > 0:
             self._identity[identity] = count
         else:
             self._identity.pop(identity, None)
 
-    def _estimate_join(self, tier: str, now: float) -> tuple[float | None, bool]:
-        """The estimated wait of a ticket joining now (with the reserve for higher-tier work that
-        will overtake it), and whether its joining would make an on-time waiting ticket late."""
-        key = self.policy.order_key(tier, now)
-        line = list(self._waiting)
-        at = next((i for i, t in enumerate(line) if t.key > key), len(line))
-        busy = self._busy_elapsed(now)
-        before = estimate_waits([t.tier for t in line], busy, self.slots_total, self.times)
-        after = estimate_waits(
-            [t.tier for t in line[:at]] + [tier] + [t.tier for t in line[at:]], busy, self.slots_total, self.times
-        )
-        wait = after[at]
-        if wait is None:
-            return None, False
-        delays = any(
-            now + (after[i + 1] or 0.0) > t.key >= now + (before[i] or 0.0)
-            for i, t in enumerate(line[at:], start=at)
-        )
-        rates = {other: self.offered.rate(other, now) for other in self.settings.tiers}
-        return wait + self.policy.overtake_reserve(tier, rates, self.slots_total), delays
-
     def _busy_elapsed(self, now: float) -> list[tuple[str, float]]:
         return [(t.tier, now - since) for t, since in self._busy.values()]
 
-    # ----- the interface -----
+    async def expire(self, now: float) -> list[Ticket]:
+        gone = [tid for tid, (_, until) in self._detached.items() if until <= now]
+        if gone:
+            self._changed()
+        return [self._detached.pop(tid)[0] for tid in gone]
 
-    async def join(self, ticket_id: str, identity: str, tier: str, avatar: str, now: float) -> Ticket:
-        self._expire(now)
-        if ticket_id in self._by_id or ticket_id in self._busy:
-            raise ValueError(f"ticket {ticket_id} is already active")
-        # A fresh join by the same identity supersedes its detached tickets, but only once it is
-        # admitted: a rejected join must not cost the client the place it could still resume.
-        superseded = [tid for tid, (t, _) in self._detached.items() if t.identity == identity]
-        # Detached tickets keep their place for the resume grace, so they count against the caps:
-        # otherwise resuming them could take the line over the global or the tier cap.
-        held = [t for tid, (t, _) in self._detached.items() if tid not in superseded]
+    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+        # Refused joins count as offered work too, or refusing a tier would shrink its reserve.
         self.offered.add(tier, self.times.mean(tier) or 0.0, now)
-        eta, delays = self._estimate_join(tier, now)
-        self.policy.check(
-            tier,
-            Admission(
-                waiting_total=len(self._waiting) + len(held),
-                waiting_in_tier=self._tier_count(tier) + sum(1 for t in held if t.tier == tier),
-                identity_active=self._identity.get(identity, 0),
-                eta_s=eta,
-                delays_waiting=delays,
-            ),
+        snapshot = JoinSnapshot(
+            waiting=list(self._waiting),
+            held=[t for t, _ in self._detached.values() if t.identity != identity],
+            busy=self._busy_elapsed(now),
+            slots_total=self.slots_total,
+            identity_active=self._identity.get(identity, 0),
+            times=self.times,
+            offered={other: self.offered.rate(other, now) for other in self.tiers},
         )
-        for tid in superseded:
-            del self._detached[tid]
-        ticket = Ticket(
-            id=ticket_id,
-            identity=identity,
-            tier=tier,
-            joined_at=now,
-            key=self.policy.order_key(tier, now),
+        return snapshot, self._version
+
+    async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
+        if ticket.id in self._by_id or ticket.id in self._busy:
+            raise ValueError(f"ticket {ticket.id} is already active")
+        if version != self._version:
+            return None
+        superseded = [t for t, _ in self._detached.values() if t.identity == ticket.identity]
+        for old in superseded:
+            del self._detached[old.id]
+        added = Ticket(
+            id=ticket.id,
+            identity=ticket.identity,
+            tier=ticket.tier,
+            joined_at=ticket.joined_at,
+            key=ticket.key,
             seq=next(self._seq),
-            avatar=avatar,
+            avatar=ticket.avatar,
         )
-        self._waiting.add(ticket)
-        self._by_id[ticket_id] = ticket
-        self._activate(identity, +1)
+        self._waiting.add(added)
+        self._by_id[added.id] = added
+        self._count(added.identity, +1)
+        self._changed()
+        return added, superseded
+
+    async def remove(self, ticket_id: str) -> Ticket | None:
+        detached = self._detached.pop(ticket_id, None)
+        ticket = self._by_id.pop(ticket_id, None)
+        if ticket is not None:
+            self._waiting.remove(ticket)
+            self._count(ticket.identity, -1)
+        if detached is not None or ticket is not None:
+            self._changed()
         return ticket
 
-    async def leave(self, ticket_id: str) -> Ticket | None:
-        self._detached.pop(ticket_id, None)
+    async def detach(self, ticket_id: str, until: float) -> Ticket | None:
         ticket = self._by_id.pop(ticket_id, None)
         if ticket is None:
             return None
         self._waiting.remove(ticket)
-        self._activate(ticket.identity, -1)
+        self._count(ticket.identity, -1)
+        self._detached[ticket_id] = (ticket, until)
+        self._changed()
         return ticket
 
-    async def detach(self, ticket_id: str, now: float) -> Ticket | None:
-        if ticket_id not in self._by_id:
-            # Not waiting (busy, unknown, or detached already): a repeated detach must not cancel
-            # the detached ticket the way ``leave`` does.
+    async def reattach(self, ticket_id: str, identity: str) -> Ticket | None:
+        entry = self._detached.get(ticket_id)
+        if entry is None or entry[0].identity != identity:
             return None
-        ticket = await self.leave(ticket_id)
-        if ticket is not None:
-            self._detached[ticket_id] = (ticket, now + self.settings.resume_grace_s)
-        return ticket
-
-    async def reattach(self, ticket_id: str, now: float) -> Ticket | None:
-        self._expire(now)
-        entry = self._detached.pop(ticket_id, None)
-        if entry is None:
-            return None
+        del self._detached[ticket_id]
         ticket = entry[0]
         self._waiting.add(ticket)
         self._by_id[ticket_id] = ticket
-        self._activate(ticket.identity, +1)
+        self._count(ticket.identity, +1)
+        self._changed()
         return ticket
 
-    async def grant(self, now: float) -> Grant | None:
-        self._expire(now)
+    async def pop_and_reserve(self, now: float) -> Grant | None:
         if len(self._busy) >= self.slots_total or not self._waiting:
             return None
         ticket = self._waiting.pop(0)
         del self._by_id[ticket.id]
         self._busy[ticket.id] = (ticket, now)
-        return Grant(ticket, now)
+        self._changed()
+        return Grant(ticket, now, len(self._waiting))
 
-    async def release(self, ticket_id: str, now: float, *, served: bool = True) -> None:
+    async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
         entry = self._busy.pop(ticket_id, None)
         if entry is None:
-            return
+            return None
         ticket, since = entry
-        self._activate(ticket.identity, -1)
+        self._count(ticket.identity, -1)
         if served:
             self.times.record(ticket.tier, now - since)
+        self._changed()
+        return ticket
 
-    async def view(self, now: float) -> QueueView:
-        self._expire(now)
-        waiting = list(self._waiting)
-        etas = estimate_waits(
-            [t.tier for t in waiting], self._busy_elapsed(now), self.slots_total, self.times
-        )
-        return QueueView(
-            waiting=waiting,
-            eta_s=etas,
-            slots_total=self.slots_total,
-            slots_busy=len(self._busy),
+    async def line(self, now: float) -> LineState:
+        return LineState(
+            waiting=list(self._waiting),
             busy=self._busy_elapsed(now),
+            slots_total=self.slots_total,
+            times=self.times,
         )
 
     async def set_slots(self, total: int) -> None:
         self.slots_total = max(1, total)
+        self._changed()
 
-    # ----- introspection for tests and metrics -----
+    # ----- introspection for tests -----
 
     @property
     def detached_count(self) -> int:

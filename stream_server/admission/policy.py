@@ -1,4 +1,5 @@
-"""The admission policy: pure functions of tiers, times and counts, shared by every backend.
+"""The admission policy: every rule that decides order, caps, estimates and refusals, shared by
+every store. Pure and synchronous: it decides from a snapshot the store read atomically.
 
 Order: earliest deadline first. A ticket's key is its deadline, its join time plus its tier's
 maximum wait; the smallest key is granted first, ties by arrival. Because maximum waits grow from
@@ -19,9 +20,10 @@ was admitted is still served in time: the excess is refused at the door, in whic
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from stream_server.admission.eta import ServiceTimes, estimate_waits
 from stream_server.settings import QueueSettings
 
 
@@ -56,46 +58,84 @@ class IdentityBusy(Exception):
 
 
 @dataclass(frozen=True)
-class Admission:
-    """Everything the admission check needs to know, read atomically with the reservation."""
+class JoinSnapshot:
+    """The line as a join sees it, read in one atomic step of the store (with this join's work
+    already counted as offered)."""
 
-    waiting_total: int
-    waiting_in_tier: int
+    waiting: Sequence[Ticket]
+    """In grant order."""
+    held: Sequence[Ticket]
+    """Detached tickets that keep their place for a resume, except the joiner's own (superseded)."""
+    busy: Sequence[tuple[str, float]]
+    """(tier, seconds held so far) of every busy slot."""
+    slots_total: int
     identity_active: int
-    eta_s: float | None
-    delays_waiting: bool = False
+    times: ServiceTimes
+    offered: Mapping[str, float]
+    """Slot-seconds a second each tier has recently asked for."""
 
 
-class TierPolicy:
+class AdmissionPolicy:
     def __init__(self, settings: QueueSettings) -> None:
         self.settings = settings
+
+    @property
+    def resume_grace_s(self) -> float:
+        return self.settings.resume_grace_s
 
     def order_key(self, tier: str, joined_at: float) -> float:
         return joined_at + self.settings.tier(tier).max_wait_s
 
-    def check(self, tier: str, state: Admission) -> None:
-        """Raise ``IdentityBusy`` or ``QueueFull`` when a new ticket may not join."""
+    def admit(self, tier: str, now: float, line: JoinSnapshot) -> float:
+        """The order key of a ticket of ``tier`` joining ``line`` now; raise ``IdentityBusy`` or
+        ``QueueFull`` when it may not join."""
         s = self.settings
-        if state.identity_active >= s.per_identity_cap:
-            raise IdentityBusy(f"this identity already has {state.identity_active} active request(s)")
-        retry = self.retry_after(state.eta_s)
-        if state.waiting_total >= s.global_cap:
+        if line.identity_active >= s.per_identity_cap:
+            raise IdentityBusy(f"this identity already has {line.identity_active} active request(s)")
+        key = self.order_key(tier, now)
+        eta, delays = self._join_estimate(tier, key, now, line)
+        retry = self.retry_after(eta)
+        if len(line.waiting) + len(line.held) >= s.global_cap:
             raise QueueFull(f"the queue is full ({s.global_cap} waiting)", retry)
         cfg = s.tier(tier)
-        if state.waiting_in_tier >= cfg.cap:
+        in_tier = sum(1 for t in line.waiting if t.tier == tier) + sum(1 for t in line.held if t.tier == tier)
+        if in_tier >= cfg.cap:
             raise QueueFull(f"the {tier} queue is full ({cfg.cap} waiting)", retry)
-        if state.eta_s is not None and state.eta_s > cfg.max_wait_s:
+        if eta is not None and eta > cfg.max_wait_s:
             raise QueueFull(
-                f"the estimated wait ({state.eta_s:.0f} s) is over the {tier} maximum "
-                f"({cfg.max_wait_s:.0f} s)",
+                f"the estimated wait ({eta:.0f} s) is over the {tier} maximum ({cfg.max_wait_s:.0f} s)",
                 retry,
             )
-        if state.delays_waiting:
+        if delays:
             raise QueueFull(
                 "the line is full: admitting this request would make requests already waiting miss their "
                 "maximum wait",
                 retry,
             )
+        return key
+
+    def estimates(
+        self, waiting: Sequence[Ticket], busy: Sequence[tuple[str, float]], slots: int, times: ServiceTimes
+    ) -> list[float | None]:
+        """Each waiting ticket's estimated wait, in grant order."""
+        return estimate_waits([t.tier for t in waiting], busy, slots, times)
+
+    def _join_estimate(self, tier: str, key: float, now: float, line: JoinSnapshot) -> tuple[float | None, bool]:
+        """The estimated wait of a ticket joining now (with the reserve for higher-tier work that
+        will overtake it), and whether its joining would make an on-time waiting ticket late."""
+        waiting = line.waiting
+        at = next((i for i, t in enumerate(waiting) if t.key > key), len(waiting))
+        tiers = [t.tier for t in waiting]
+        before = estimate_waits(tiers, line.busy, line.slots_total, line.times)
+        after = estimate_waits([*tiers[:at], tier, *tiers[at:]], line.busy, line.slots_total, line.times)
+        wait = after[at]
+        if wait is None:
+            return None, False
+        delays = any(
+            now + (after[i + 1] or 0.0) > t.key >= now + (before[i] or 0.0)
+            for i, t in enumerate(waiting[at:], start=at)
+        )
+        return wait + self.overtake_reserve(tier, line.offered, line.slots_total), delays
 
     def overtake_reserve(self, tier: str, offered: Mapping[str, float], slots: int) -> float:
         """Seconds of a new ticket's maximum wait held back for higher-tier work that will join

@@ -21,8 +21,9 @@ from inference.engine import FPS, Frame
 from inference.stream import EngineStream, StreamState
 from stream_server.clips import ClipWriter
 from stream_server.outbox import Outbox
-from stream_server.protocol import encode
+from stream_server.protocol import Progress
 from stream_server.settings import StreamSettings
+from stream_server.transports.announce import stream_start
 from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
 
 T = TypeVar("T")
@@ -58,11 +59,7 @@ class ProgressReporter:
         if self.frames == self._reported and self._reported:
             return
         self._reported = self.frames
-        total = self.total()
-        fields: dict[str, int] = {"frames": self.frames}
-        if total is not None:
-            fields["total"] = total
-        self.outbox.send(encode("progress", **fields))
+        self.outbox.send(Progress(frames=self.frames, total=self.total()).encode())
 
 
 class MseSender:
@@ -177,9 +174,7 @@ class MseSender:
             return
         if not self._init_sent:
             assert muxer.init_segment is not None
-            self.outbox.send(
-                encode("stream", transport="mse", mime=muxer.mime, width=muxer.width, height=muxer.height, fps=FPS)
-            )
+            self.outbox.send(stream_start("mse", muxer.width, muxer.height, muxer.mime))
             await self.outbox.send_media(muxer.init_segment)
             self._init_sent = True
             self.first_segment()
@@ -191,8 +186,7 @@ async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -
     """Answer a repeated clip from the cache: ``stream``, the file as init + segment messages."""
     meta = json.loads(await asyncio.to_thread(clip_sidecar(path).read_text))
     data = await asyncio.to_thread(path.read_bytes)
-    outbox.send(encode("stream", transport="mse", mime=meta["mime"], width=meta["width"],
-                       height=meta["height"], fps=meta["fps"]))
+    outbox.send(stream_start("mse", meta["width"], meta["height"], meta["mime"]))
     boxes, _ = split_boxes(data)
     chunk = bytearray()
     for kind, box in boxes:

@@ -1,0 +1,151 @@
+"""Admission: the one owner of ticket state, the policy's rules applied to a store's steps.
+
+The store keeps the tickets (waiting, detached, busy, per-identity counts); this object keeps,
+for the tickets of this node, the owner handle each one is reported to, and which detached
+ticket a resume may take back. Nothing else keeps a copy of either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from stream_server.admission.owner import TicketOwner
+from stream_server.admission.policy import AdmissionPolicy, Ticket
+from stream_server.admission.store import AdmissionStore, Grant, NewTicket
+
+OwnerT = TypeVar("OwnerT", bound=TicketOwner)
+
+
+def _nothing() -> None:
+    """No one listens for changes (an admission driven step by step, as in tests)."""
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """The waiting tickets in grant order with their estimated waits, and the slots."""
+
+    waiting: list[Ticket]
+    eta_s: list[float | None]
+    slots_total: int
+    slots_busy: int
+    busy: list[tuple[str, float]]
+
+
+class Admission(Generic[OwnerT]):
+    def __init__(self, policy: AdmissionPolicy, store: AdmissionStore) -> None:
+        self.policy = policy
+        self.store = store
+        self._owners: dict[str, OwnerT] = {}
+        """Owners of this node's waiting and detached tickets."""
+        self._serving: dict[str, OwnerT] = {}
+        """Owners of this node's granted tickets, until released."""
+        self._parked: dict[str, str] = {}
+        """Resume key -> the detached ticket it may take back."""
+        self.on_change: Callable[[], None] = _nothing
+        """Called after every step that changed the line (the dispatcher subscribes)."""
+
+    @property
+    def serving_count(self) -> int:
+        return len(self._serving)
+
+    async def _expire(self, now: float) -> None:
+        for ticket in await self.store.expire(now):
+            self._forget(ticket.id)
+
+    def _forget(self, ticket_id: str) -> None:
+        owner = self._owners.pop(ticket_id, None)
+        if owner is not None and self._parked.get(owner.resume_key) == ticket_id:
+            del self._parked[owner.resume_key]
+
+    async def join(
+        self, ticket_id: str, identity: str, tier: str, avatar: str, now: float, owner: OwnerT | None = None
+    ) -> Ticket:
+        """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
+        and its grant; a ticket granted with no owner is released by the dispatcher."""
+        await self._expire(now)
+        while True:
+            snapshot, version = await self.store.join_snapshot(identity, tier, now)
+            key = self.policy.admit(tier, now, snapshot)
+            added = await self.store.insert(NewTicket(ticket_id, identity, tier, avatar, now, key), version)
+            if added is not None:
+                break
+        ticket, superseded = added
+        for old in superseded:
+            self._forget(old.id)
+        if owner is not None:
+            self._owners[ticket_id] = owner
+        self.on_change()
+        return ticket
+
+    async def leave(self, ticket_id: str) -> Ticket | None:
+        """Remove a waiting (or detached) ticket for good; ``None`` if it was not waiting."""
+        ticket = await self.store.remove(ticket_id)
+        self._forget(ticket_id)
+        self.on_change()
+        return ticket
+
+    async def detach(self, ticket_id: str, now: float) -> Ticket | None:
+        """The ticket's socket closed: out of the line, its place held for the resume grace."""
+        ticket = await self.store.detach(ticket_id, now + self.policy.resume_grace_s)
+        owner = self._owners.get(ticket_id)
+        if ticket is not None and owner is not None:
+            self._parked[owner.resume_key] = ticket_id
+        self.on_change()
+        return ticket
+
+    def parked(self, resume_key: str) -> str | None:
+        """The detached ticket a resume by ``resume_key`` would take back."""
+        return self._parked.get(resume_key)
+
+    async def reattach(self, ticket_id: str, identity: str, now: float) -> Ticket | None:
+        """Put a detached ticket of ``identity`` back at its old place. ``None`` if unknown,
+        expired or another identity's; then nothing changes, so its owner can still resume."""
+        await self._expire(now)
+        ticket = await self.store.reattach(ticket_id, identity)
+        if ticket is None:
+            return None
+        owner = self._owners.get(ticket_id)
+        if owner is not None:
+            self._parked.pop(owner.resume_key, None)
+        self.on_change()
+        return ticket
+
+    async def grant(self, now: float) -> Grant | None:
+        """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones."""
+        await self._expire(now)
+        grant = await self.store.pop_and_reserve(now)
+        if grant is None:
+            return None
+        owner = self._owners.pop(grant.ticket.id, None)
+        if owner is not None:
+            self._serving[grant.ticket.id] = owner
+        return grant
+
+    async def release(self, ticket_id: str, now: float, *, served: bool = True) -> Ticket | None:
+        """Free the slot held by ``ticket_id`` (idempotent)."""
+        self._serving.pop(ticket_id, None)
+        ticket = await self.store.release(ticket_id, now, served=served)
+        self.on_change()
+        return ticket
+
+    async def view(self, now: float) -> QueueView:
+        """The whole line in grant order with each ticket's estimated wait."""
+        await self._expire(now)
+        line = await self.store.line(now)
+        return QueueView(
+            waiting=line.waiting,
+            eta_s=self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times),
+            slots_total=line.slots_total,
+            slots_busy=len(line.busy),
+            busy=line.busy,
+        )
+
+    def owner(self, ticket_id: str) -> OwnerT | None:
+        """The owner of one of this node's tickets (waiting, detached or granted)."""
+        return self._owners.get(ticket_id) or self._serving.get(ticket_id)
+
+    async def set_slots(self, total: int) -> None:
+        await self.store.set_slots(total)
+        self.on_change()

@@ -1,0 +1,95 @@
+"""Where tickets live: the atomic steps every admission store implements.
+
+The in-process store (``memory.py``) is the embedded default; a shared store (Redis) lets nodes
+share one line. Each method is one atomic step, written so that a Lua script or a WATCH/MULTI
+transaction can do it: a join reads a snapshot (``join_snapshot``), the policy decides on it, and
+``insert`` only adds the ticket if nothing changed since the snapshot (``None`` otherwise, and the
+join is decided again). No step decides anything: the rules are in ``policy.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from stream_server.admission.eta import ServiceTimes
+from stream_server.admission.policy import JoinSnapshot, Ticket
+
+
+@dataclass(frozen=True)
+class Grant:
+    ticket: Ticket
+    granted_at: float
+    queue_size: int
+    """Tickets still waiting once this one was granted."""
+
+    @property
+    def waited_s(self) -> float:
+        return max(0.0, self.granted_at - self.ticket.joined_at)
+
+
+@dataclass(frozen=True)
+class LineState:
+    """The waiting tickets in grant order, the busy slots and the measured service times."""
+
+    waiting: list[Ticket]
+    busy: list[tuple[str, float]]
+    """(tier, seconds held so far) of every busy slot."""
+    slots_total: int
+    times: ServiceTimes
+
+
+@dataclass(frozen=True)
+class NewTicket:
+    id: str
+    identity: str
+    tier: str
+    avatar: str
+    joined_at: float
+    key: float
+
+
+class AdmissionStore(ABC):
+    @abstractmethod
+    async def expire(self, now: float) -> list[Ticket]:
+        """Forget the detached tickets whose resume grace is over; return them."""
+
+    @abstractmethod
+    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+        """Count a join attempt's work as offered and read the line for the decision; with the
+        store's version, which ``insert`` compares."""
+
+    @abstractmethod
+    async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
+        """Add the ticket if the store is still at ``version``, superseding the identity's
+        detached tickets; return it and those. ``None`` if the line changed in between."""
+
+    @abstractmethod
+    async def remove(self, ticket_id: str) -> Ticket | None:
+        """Take a waiting or detached ticket away for good; ``None`` if it was neither."""
+
+    @abstractmethod
+    async def detach(self, ticket_id: str, until: float) -> Ticket | None:
+        """Take a waiting ticket out of the line and hold its place until ``until``; ``None`` if it
+        was not waiting (a detached ticket stays as it is)."""
+
+    @abstractmethod
+    async def reattach(self, ticket_id: str, identity: str) -> Ticket | None:
+        """Put a detached ticket of ``identity`` back at its old place; ``None`` (and nothing
+        changed) if there is none, or it belongs to another identity."""
+
+    @abstractmethod
+    async def pop_and_reserve(self, now: float) -> Grant | None:
+        """Pop the first ticket and reserve a slot for it, if a slot is free and anyone waits."""
+
+    @abstractmethod
+    async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
+        """Free the slot held by ``ticket_id``; a served session's duration feeds the estimates."""
+
+    @abstractmethod
+    async def line(self, now: float) -> LineState:
+        """The whole line in grant order and the busy slots."""
+
+    @abstractmethod
+    async def set_slots(self, total: int) -> None:
+        """Capacity changed (workers measured, started or stopped)."""

@@ -1,0 +1,92 @@
+"""The dispatcher: grants free slots and fans the line's positions out to the tickets' owners.
+
+It runs whenever something changed (batched: one round per wake-up, however many changes), and
+on a heartbeat. Heartbeats go out in ``HEARTBEAT_PHASES`` slices of the line, so a thousand
+waiting clients never get them in one burst. It only talks to ``TicketOwner`` handles, which
+hand the status to an outbox that coalesces and never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from stream_server.admission.admission import Admission
+from stream_server.admission.owner import TicketOwner
+from stream_server.metrics import Metrics
+from stream_server.settings import TIER_NAMES
+
+log = logging.getLogger(__name__)
+HEARTBEAT_PHASES = 10
+OwnerT = TypeVar("OwnerT", bound=TicketOwner)
+
+
+class Dispatcher(Generic[OwnerT]):
+    def __init__(
+        self, admission: Admission[OwnerT], metrics: Metrics, heartbeat_s: float, render_fps: Callable[[], float]
+    ) -> None:
+        self.admission = admission
+        self.metrics = metrics
+        self.heartbeat_s = heartbeat_s
+        self.render_fps = render_fps
+        self._changed = asyncio.Event()
+        admission.on_change = self.changed
+
+    def changed(self) -> None:
+        """Something about the line changed: grant what can be granted and push positions."""
+        self._changed.set()
+
+    async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
+        """A granted request ended: free its slot (idempotent)."""
+        if await self.admission.release(ticket_id, time.monotonic(), served=served) is not None and served:
+            self.metrics.service.labels(mode).observe(held_s)
+        self.metrics.sessions_active.set(self.admission.serving_count)
+
+    async def run(self) -> None:
+        tick = self.heartbeat_s / HEARTBEAT_PHASES
+        next_tick = time.monotonic() + tick
+        phase = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
+            self._changed.clear()
+            try:
+                await self._grant_all()
+                heartbeat = None
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + tick
+                    phase = (phase + 1) % HEARTBEAT_PHASES
+                    heartbeat = phase
+                await self._push_positions(heartbeat_phase=heartbeat)
+            except Exception:
+                log.exception("dispatcher round failed")
+                await asyncio.sleep(0.1)
+
+    async def _grant_all(self) -> None:
+        while (grant := await self.admission.grant(time.monotonic())) is not None:
+            ticket = grant.ticket
+            self.metrics.grants.labels(ticket.tier).inc()
+            self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
+            owner = self.admission.owner(ticket.id)
+            if owner is None or not owner.granted(grant):
+                await self.release(ticket.id, served=False)
+        self.metrics.sessions_active.set(self.admission.serving_count)
+
+    async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
+        view = await self.admission.view(time.monotonic())
+        size = len(view.waiting)
+        counts = dict.fromkeys(TIER_NAMES, 0)
+        owner_of = self.admission.owner
+        for position, (ticket, eta) in enumerate(zip(view.waiting, view.eta_s, strict=True), start=1):
+            counts[ticket.tier] = counts.get(ticket.tier, 0) + 1
+            owner = owner_of(ticket.id)
+            if owner is not None:
+                owner.queued(position, size, eta, force=position % HEARTBEAT_PHASES == heartbeat_phase)
+        for tier, n in counts.items():
+            self.metrics.queue_waiting.labels(tier).set(n)
+        self.metrics.slots_busy.set(view.slots_busy)
+        self.metrics.render_fps.set(self.render_fps())

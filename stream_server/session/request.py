@@ -1,0 +1,85 @@
+"""One ``start``: the request record and its status, from waiting to the reason it finished."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from inference.stream import EngineStream
+from stream_server.audio_input import AudioInput, Pcm
+from stream_server.protocol import ErrorCode, JsonId, Start
+from stream_server.transports.webrtc import WebRtcSender
+
+
+class RequestStatus(enum.IntEnum):
+    """A request's lifecycle; the finished ones are ordered last."""
+
+    WAITING = 0
+    DETACHED = 1
+    """Waiting, with its socket closed: held for the resume grace."""
+    GRANTED = 2
+    STREAMING = 3
+    FINISHED = 10
+    """Complete: ``done``."""
+    TIME_LIMIT = 11
+    """A live session reached ``max_live_session_s``: ``done`` without a clip."""
+    CANCELLED = 12
+    """By the client (``cancel``, a disconnect) or a peer connection that never came: no reply."""
+    REFUSED = 13
+    """Ended by a client error (bad audio, no offer, ...): the error names its own code."""
+    EXPIRED = 14
+    MEDIA_LOST = 15
+    ENGINE_FAILED = 16
+    FAILED = 17
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED
+
+
+FINISHED_ERRORS: dict[RequestStatus, tuple[ErrorCode, str] | None] = {
+    RequestStatus.FINISHED: None,
+    RequestStatus.TIME_LIMIT: None,
+    RequestStatus.CANCELLED: None,
+    RequestStatus.REFUSED: None,
+    RequestStatus.EXPIRED: (
+        ErrorCode.SESSION_EXPIRED, "the session to resume is unknown or its grace period is over"
+    ),
+    RequestStatus.MEDIA_LOST: (ErrorCode.INTERNAL, "the media connection ended ({detail}); the slot was released"),
+    RequestStatus.ENGINE_FAILED: (ErrorCode.INTERNAL, "the engine failed; the slot was released"),
+    RequestStatus.FAILED: (ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released"),
+}
+"""The one table of what a client hears when its request ends in an error (``{detail}``: the cause)."""
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One ``start``: its ticket, its audio and, once granted, its engine stream."""
+
+    ticket_id: str
+    start: Start
+    audio: AudioInput
+    status: RequestStatus = RequestStatus.WAITING
+    pending: list[Pcm | None] = field(default_factory=list)
+    frames_total: int | None = None
+    clip_key: str | None = None
+    stream: EngineStream | None = None
+    task: asyncio.Task[None] | None = None
+    granted_at: float = 0.0
+    media_started: bool = False
+    offer: asyncio.Future[tuple[str, JsonId]] | None = None
+    rtc: WebRtcSender | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.start.mode == "live"
+
+    def deliver(self, pcm: Pcm | None) -> None:
+        """Audio (or, as ``None``, the end of it) for the engine, now or once granted."""
+        if self.stream is None:
+            self.pending.append(pcm)
+        elif pcm is None:
+            self.stream.end_audio()
+        else:
+            self.stream.feed(*pcm)
