@@ -32,6 +32,7 @@ META_FILE = "avatar.json"
 GEOMETRY_FILE = "geometry.npz"
 FRAMES_DIR = "frames"
 ENGINE = "lite"
+AVATAR_FILES = (META_FILE, GEOMETRY_FILE, FRAMES_DIR)
 
 
 def cycle_length(frames: int) -> int:
