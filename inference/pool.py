@@ -55,7 +55,9 @@ def choose_kind(config: EngineConfig) -> str:
     if config.kind == "lite":
         return "lite"
     if config.kind == "auto" and not config.models_dir.is_dir():
-        log.warning("engine.kind = auto: serving the lite engine, because there is no models folder %s", config.models_dir)
+        log.warning(
+            "engine.kind = auto: serving the lite engine, because there is no models folder %s", config.models_dir
+        )
         return "lite"
     problems = musetalk_problems(config.models_dir)
     if not problems:

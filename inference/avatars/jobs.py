@@ -7,14 +7,14 @@ import dataclasses
 import threading
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
 class AvatarBusy(RuntimeError):
     """The avatar is being prepared already."""
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     PREPARING = "preparing"
     READY = "ready"
     FAILED = "failed"

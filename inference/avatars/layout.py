@@ -78,6 +78,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     except BaseException:
         if old is not None:
             os.replace(old / dst.name, dst)
+            old.rmdir()
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

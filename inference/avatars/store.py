@@ -221,7 +221,8 @@ class AvatarStore:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        self.layout.write_record(folder, self._record(avatar, record.source, record.face_box, time.monotonic() - started))
+        seconds = time.monotonic() - started
+        self.layout.write_record(folder, self._record(avatar, record.source, record.face_box, seconds))
         return avatar
 
     def _record(self, avatar: PreparedAvatar, source: str, face_box: FaceBox | None, seconds: float) -> AvatarRecord:
