@@ -152,13 +152,13 @@ class MuseTalkRenderer(Renderer):
 
     # ----- audio -----
 
-    def new_featurizer(self, mode: str | None = None) -> WhisperFeaturizer:
+    def new_featurizer(self, mode: str = "live") -> WhisperFeaturizer:
         """Live features by default (bounded look-ahead, see ``featurizer``); ``mode="clip"`` waits
         for whole 30 s segments so that features are exactly the whole-clip ones."""
         return WhisperFeaturizer(
             self.audio,
             chunk_frames=self.live_chunk_frames,
-            exact=getattr(mode, "value", mode) == "clip",
+            exact=mode == "clip",
         )
 
     def clip_features(self, audio: np.ndarray) -> list[torch.Tensor]:
