@@ -27,9 +27,9 @@ def partial_models(root: Path) -> Path:
 
 def test_explicit_musetalk_with_incomplete_models_stops_the_server(tmp_path: Path) -> None:
     models = partial_models(tmp_path / "models")
-    with pytest.raises(RuntimeError, match="server exited") as failed:
-        with run_server(tmp_path, MTS_ENGINE__KIND="musetalk", MTS_ENGINE__MODELS_DIR=str(models)):
-            pass
+    env = {"MTS_ENGINE__KIND": "musetalk", "MTS_ENGINE__MODELS_DIR": str(models)}
+    with pytest.raises(RuntimeError, match="server exited") as failed, run_server(tmp_path, **env):
+        pass
     log = str(failed.value)
     assert "MuseTalk models are incomplete" in log
     assert str(models / "musetalkV15" / "unet.pth") in log

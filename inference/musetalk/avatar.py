@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -67,7 +68,8 @@ class MuseTalkAvatar(PreparedAvatar):
 
     def idle_frame(self, cycle_index: int) -> np.ndarray:
         """The source frame at loop position ``cycle_index`` (shared and read-only)."""
-        return self.data.frames[self.source_index(cycle_index)]
+        frame: np.ndarray = self.data.frames[self.source_index(cycle_index)]
+        return frame
 
     def to(self, device: torch.device, dtype: torch.dtype) -> MuseTalkAvatar:
         self.data.latents = self.data.latents.to(device=device, dtype=dtype)
@@ -97,7 +99,9 @@ def save_avatar(folder: Path, avatar: MuseTalkAvatar) -> None:
         if not cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {path}")
     save_file({"latents": data.latents.detach().float().cpu().contiguous()}, str(folder / LATENTS_FILE))
-    masks = {f"m{i:05d}": np.round(a * 255).astype(np.uint8) for i, a in enumerate(data.alphas) if a is not None}
+    masks: dict[str, Any] = {
+        f"m{i:05d}": np.round(a * 255).astype(np.uint8) for i, a in enumerate(data.alphas) if a is not None
+    }
     np.savez_compressed(folder / MASKS_FILE, **masks)
     meta = {
         "format": FORMAT,
@@ -123,10 +127,9 @@ def recorded_version(folder: Path) -> str | None:
     return version if isinstance(version, str) else None
 
 
-def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
-    """The avatar stored in ``folder``, or ``None`` when there is none, it is damaged, or (unless
-    ``version`` is ``None``) it was prepared by another version of the preparation or with other
-    models (its hash differs)."""
+def load_avatar(folder: Path, version: str) -> MuseTalkAvatar | None:
+    """The avatar stored in ``folder``, or ``None`` when there is none, it is damaged, or it was
+    prepared by another version of the preparation or with other models (its hash differs)."""
     from safetensors.torch import load_file
 
     meta_path = folder / META_FILE
@@ -134,7 +137,7 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or (version is not None and meta.get("version") != version):
+        if meta.get("format") != FORMAT or meta.get("version") != version:
             return None
         n = int(meta["frames"])
         frames = []
@@ -144,7 +147,7 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
                 raise ValueError(f"frame {i} is missing or unreadable")
             frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
         latents = load_file(str(folder / LATENTS_FILE))["latents"]
-        boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]  # type: ignore[misc]
+        boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]
         with np.load(folder / MASKS_FILE, allow_pickle=False) as stored:
             alphas = [
                 stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None for i in range(n)

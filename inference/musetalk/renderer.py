@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class MuseTalkRenderer(Renderer):
     @property
     def preparation_version(self) -> str:
         """A hash of everything that shapes a prepared avatar: when it changes, avatars are redone."""
-        vae = self.models.vae.config
+        vae = cast(Mapping[str, Any], self.models.vae.config)
         key = {
             "prep": PREPARATION_VERSION,
             "margin": self.extra_margin,
