@@ -138,9 +138,11 @@ class AvatarStore:
     def delete(self, avatar_id: str) -> bool:
         """Remove an avatar from disk and memory (sessions using it keep their copy)."""
         validate_avatar_id(avatar_id)
-        if self.jobs.is_running(avatar_id):
+        if self.jobs.is_running(avatar_id):  # (a preparation holds the id lock: do not wait for it)
             raise AvatarBusy(f"avatar {avatar_id!r} is being prepared")
         with self._id_lock(avatar_id):
+            if self.jobs.is_running(avatar_id):  # one that began meanwhile, waiting for the lock
+                raise AvatarBusy(f"avatar {avatar_id!r} is being prepared")
             self._cache.discard(avatar_id)
             self.jobs.forget(avatar_id)
             return self.layout.remove(avatar_id)
