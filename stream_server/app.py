@@ -21,7 +21,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from inference.avatar_store import InvalidAvatarId, validate_avatar_id
+from inference.avatars.layout import InvalidAvatarId, validate_avatar_id
 from inference.pool import EnginePool
 from stream_server.node import Node
 from stream_server.outbox import Outbox

@@ -32,6 +32,7 @@ META_FILE = "avatar.json"
 GEOMETRY_FILE = "geometry.npz"
 FRAMES_DIR = "frames"
 ENGINE = "lite"
+AVATAR_FILES = (META_FILE, GEOMETRY_FILE, FRAMES_DIR)
 
 
 def cycle_length(frames: int) -> int:
@@ -84,7 +85,8 @@ class LiteAvatar(PreparedAvatar):
 
     def idle_frame(self, cycle_index: int) -> np.ndarray:
         """The rest frame (read-only: copy it before drawing on it)."""
-        return self.frames[self.frame_index(cycle_index)]
+        frame: np.ndarray = self.frames[self.frame_index(cycle_index)]
+        return frame
 
 
 def save_avatar(
@@ -159,13 +161,11 @@ def info_from_meta(meta: dict[str, Any], ready: bool = True) -> AvatarInfo:
     )
 
 
-def load_avatar(directory: Path, expected_version: str | None = None) -> LiteAvatar | None:
-    """Load an avatar from its folder; ``None`` if it is missing, damaged, or (with
-    ``expected_version``) prepared by other code or parameters."""
+def load_avatar(directory: Path, expected_version: str) -> LiteAvatar | None:
+    """Load an avatar from its folder; ``None`` if it is missing, damaged, or prepared by other
+    code or parameters (its version is not ``expected_version``)."""
     meta = read_meta(directory)
-    if meta is None:
-        return None
-    if expected_version is not None and meta.get("version") != expected_version:
+    if meta is None or meta.get("version") != expected_version:
         return None
     try:
         n, w, h = int(meta["frames"]), int(meta["width"]), int(meta["height"])

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from inference.avatars.layout import FaceBox
 from inference.engine import FrameRequest, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
-from inference.musetalk.avatar import MuseTalkAvatar, load_avatar, save_avatar
+from inference.musetalk.avatar import AVATAR_FILES, MuseTalkAvatar, load_avatar, recorded_version, save_avatar
 from inference.musetalk.blend import paste_face
 from inference.musetalk.face import (
     EXTRA_MARGIN,
@@ -30,7 +31,6 @@ from inference.musetalk.prepare import prepare, read_frames
 # 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules
 PREPARATION_VERSION = "musetalk-v15-prep-3"
 DECODERS = ("sd-vae", "taesd")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 class MuseTalkRenderer(Renderer):
@@ -44,10 +44,7 @@ class MuseTalkRenderer(Renderer):
     the chin and blends with "jaw" masks; v1 (``models.version == "v1"``) has no margin and "raw"
     masks.
 
-    ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the caller chooses (what
-    ``inference.avatar_store.AvatarStore`` uses: ``<store root>/<id>/musetalk``);
-    ``prepare_avatar``/``load_avatar`` keep avatars by id in ``<avatar_root>/<id>/musetalk``, the
-    same layout, so with ``avatar_root`` the store's root both find the same files.
+    ``avatar_root`` is the store's root, for the id-based ``Renderer.prepare_avatar``/``load_avatar``.
     """
 
     name = "musetalk"
@@ -103,7 +100,7 @@ class MuseTalkRenderer(Renderer):
     @property
     def preparation_version(self) -> str:
         """A hash of everything that shapes a prepared avatar: when it changes, avatars are redone."""
-        vae = self.models.vae.config
+        vae = cast(Mapping[str, Any], self.models.vae.config)
         key = {
             "prep": PREPARATION_VERSION,
             "margin": self.extra_margin,
@@ -117,10 +114,9 @@ class MuseTalkRenderer(Renderer):
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _folder(self, avatar_id: str) -> Path:
-        if not _SAFE_ID.match(avatar_id) or avatar_id in {".", ".."}:
-            raise ValueError(f"invalid avatar id {avatar_id!r}")
-        return self.avatar_root / avatar_id / self.name
+    @property
+    def avatar_files(self) -> tuple[str, ...]:
+        return AVATAR_FILES
 
     @property
     def detector(self) -> FaceDetector:
@@ -135,10 +131,8 @@ class MuseTalkRenderer(Renderer):
         name: str,
         source: Path | str,
         *,
-        face_box: tuple[float, float, float, float] | None = None,
+        face_box: FaceBox | None = None,
     ) -> MuseTalkAvatar:
-        """Prepare ``source`` and write the avatar into ``directory`` (replaced whole).
-        ``face_box`` (x, y, w, h in the source's pixels) skips face detection."""
         detector = self.detector
         if face_box is not None:
             detector = _fixed_face(face_box, self.extra_margin)
@@ -150,27 +144,22 @@ class MuseTalkRenderer(Renderer):
         save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
 
-    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> MuseTalkAvatar | None:
-        """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
-        code or models, unless ``allow_stale``)."""
-        avatar = load_avatar(Path(directory), None if allow_stale else self.preparation_version)
+    def load_avatar_dir(self, directory: Path) -> MuseTalkAvatar | None:
+        avatar = load_avatar(Path(directory), self.preparation_version)
         return avatar.to(self.models.device, self.models.dtype) if avatar is not None else None
 
-    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> MuseTalkAvatar:
-        return self.prepare_avatar_dir(self._folder(avatar_id), avatar_id, name, source)
-
-    def load_avatar(self, avatar_id: str) -> MuseTalkAvatar | None:
-        return self.load_avatar_dir(self._folder(avatar_id))
+    def recorded_version(self, directory: Path) -> str | None:
+        return recorded_version(Path(directory))
 
     # ----- audio -----
 
-    def new_featurizer(self, mode: str | None = None) -> WhisperFeaturizer:
+    def new_featurizer(self, mode: str = "live") -> WhisperFeaturizer:
         """Live features by default (bounded look-ahead, see ``featurizer``); ``mode="clip"`` waits
         for whole 30 s segments so that features are exactly the whole-clip ones."""
         return WhisperFeaturizer(
             self.audio,
             chunk_frames=self.live_chunk_frames,
-            exact=getattr(mode, "value", mode) == "clip",
+            exact=mode == "clip",
         )
 
     def clip_features(self, audio: np.ndarray) -> list[torch.Tensor]:
@@ -213,7 +202,7 @@ class MuseTalkRenderer(Renderer):
         return images
 
 
-def _fixed_face(face_box: tuple[float, float, float, float], extra_margin: int) -> FaceDetector:
+def _fixed_face(face_box: FaceBox, extra_margin: int) -> FaceDetector:
     x, y, w, h = (round(v) for v in face_box)
 
     def detector(rgb: np.ndarray) -> Box | None:
