@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.avatars.jobs import Progress
 from inference.avatars.layout import AvatarLayout, FaceBox, replace_dir, stage_dir
 
 FPS = 25
@@ -58,6 +59,11 @@ class PreparedAvatar(ABC):
         frames forward then backward without repeating the first and last (0, 1, ..., N-1, N-2,
         ..., 1), so it is ``2N - 2`` long, and 1 for a still image."""
         return max(1, 2 * self.info.frames - 2)
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the avatar holds (its arrays), what the host cache budgets."""
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
     @abstractmethod
     def idle_frame(self, cycle_index: int) -> np.ndarray:
@@ -141,10 +147,12 @@ class Renderer(ABC):
         source: Path | str,
         *,
         face_box: FaceBox | None = None,
+        progress: Progress | None = None,
     ) -> PreparedAvatar:
         """Prepare ``source`` (slow) and write the avatar into ``directory`` (new, or an empty
         folder; the caller moves it into place). ``face_box`` (x, y, w, h in the source's pixels)
-        skips face detection. Raises ``ValueError`` for a source it cannot use."""
+        skips face detection; ``progress(done, total)`` hears of the frames done as they are.
+        Raises ``ValueError`` for a source it cannot use, with a reason a person can act on."""
 
     @abstractmethod
     def load_avatar_dir(self, directory: Path) -> PreparedAvatar | None:
@@ -191,6 +199,12 @@ class Renderer(ABC):
         return AvatarLayout(self.avatar_root).engine_dir(avatar_id, self.name)
 
     # ----- frames -----
+
+    def release_avatar(self, avatar: PreparedAvatar) -> None:
+        """Free what this renderer keeps of ``avatar`` on its device (MuseTalk: the copy of its
+        latents made at the first render); its worker's device cache evicted it. The default
+        has nothing to free: host memory is the lite engine's device."""
+        return None
 
     @abstractmethod
     def new_featurizer(self, mode: str = "live") -> AudioFeaturizer:

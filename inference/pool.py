@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from inference.avatars.cache import CacheStats, DeviceAvatarCache
+from inference.avatars.hot import HotAvatars
 from inference.avatars.store import AvatarStore
 from inference.engine import PreparedAvatar, Renderer
 from inference.stream import EngineStream, StreamMode
@@ -31,8 +33,12 @@ class EngineConfig:
     dtype: str = "fp16"
     workers: int = 1
     max_batch: int = 8
-    avatar_cache: int = 16
     data_dir: Path = Path("var")
+    device_cache: int = 4
+    host_cache_bytes: int = 2 << 30
+    disk_bytes: int = 0
+    hot_after_uses: int = 10
+    hot_window_s: float = 600.0
 
 
 def avatar_root(config: EngineConfig) -> Path:
@@ -119,17 +125,29 @@ def build_renderers(config: EngineConfig) -> list[Renderer]:
 
 
 class EnginePool:
-    """Workers sharing one avatar store; a new stream goes to the least loaded worker."""
+    """Workers sharing one avatar store. Each worker has a device cache of the avatars it holds;
+    a new stream goes to the least loaded worker, or to one holding its avatar when that worker
+    has at most one stream more (``choose_worker``)."""
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
         renderers = renderers or build_renderers(config)
         self.name = renderers[0].name
+        self.version = renderers[0].preparation_version
         self.workers = [
             FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
             for i, r in enumerate(renderers)
         ]
-        self.avatars = AvatarStore(avatar_root(config), renderers[0], cache_size=config.avatar_cache)
+        self.hot = HotAvatars(config.hot_after_uses, config.hot_window_s)
+        self.held = [DeviceAvatarCache(config.device_cache, self.hot.is_hot) for _ in self.workers]
+        """The avatars each worker holds on its device, index by index with ``workers``."""
+        self.avatars = AvatarStore(
+            avatar_root(config),
+            renderers[0],
+            host_cache_bytes=config.host_cache_bytes,
+            disk_bytes=config.disk_bytes,
+            is_hot=self.hot.is_hot,
+        )
 
     def start(self) -> None:
         for worker in self.workers:
@@ -142,8 +160,44 @@ class EnginePool:
     def open_stream(
         self, avatar: PreparedAvatar, mode: StreamMode, **options: object
     ) -> EngineStream:
-        worker = min(self.workers, key=lambda w: w.active_streams)
-        return worker.open_stream(avatar, mode, **options)  # type: ignore[arg-type]
+        index = choose_worker(
+            [w.active_streams for w in self.workers], [self._holds(i, avatar) for i in range(len(self.workers))]
+        )
+        self._hold(index, avatar)
+        return self.workers[index].open_stream(avatar, mode, **options)  # type: ignore[arg-type]
+
+    def holders(self, avatar_id: str) -> list[int]:
+        """The workers whose device cache holds ``avatar_id``."""
+        return [i for i, held in enumerate(self.held) if avatar_id in held]
+
+    def forget(self, avatar_id: str) -> None:
+        """The avatar was deleted or replaced: out of every worker's device cache."""
+        for worker, held in zip(self.workers, self.held, strict=True):
+            avatar = held.discard(avatar_id)
+            if avatar is not None:
+                worker.renderer.release_avatar(avatar)
+
+    def cache_stats(self) -> dict[str, CacheStats]:
+        """Hits, misses and evictions of each level: device (all workers), host and disk."""
+        device = CacheStats()
+        for held in self.held:
+            device.hits += held.stats.hits
+            device.misses += held.stats.misses
+            device.evictions += held.stats.evictions
+        return {"device": device, "host": self.avatars.host_stats, "disk": self.avatars.disk_stats}
+
+    def _holds(self, index: int, avatar: PreparedAvatar) -> bool:
+        return self.held[index].peek(avatar.info.id) is avatar
+
+    def _hold(self, index: int, avatar: PreparedAvatar) -> None:
+        """Count a device hit or miss on the chosen worker; a miss (or another object under the
+        same id: the avatar was prepared again) takes the avatar in, evicting the coldest."""
+        held = self.held[index]
+        if held.get(avatar.info.id) is avatar:
+            return
+        renderer = self.workers[index].renderer
+        for evicted in held.put(avatar.info.id, avatar):
+            renderer.release_avatar(evicted)
 
     def measure_capacity(self, avatar: PreparedAvatar) -> float:
         """Frames a second all workers sustain together (measured before they start)."""
@@ -151,3 +205,12 @@ class EnginePool:
 
     def frames_per_second(self) -> float:
         return sum(w.frames_per_second() for w in self.workers)
+
+
+def choose_worker(loads: list[int], holds: list[bool]) -> int:
+    """The worker for a new stream: the least loaded, unless a worker holding the avatar has at
+    most one stream more than that (it is then spared loading the avatar again, and the wait
+    hardly grows). Ties go to the lowest index."""
+    least = min(range(len(loads)), key=lambda i: loads[i])
+    holding = [i for i, h in enumerate(holds) if h and loads[i] <= loads[least] + 1]
+    return min(holding, key=lambda i: loads[i]) if holding else least

@@ -38,8 +38,12 @@ def engine_config(settings: Settings) -> EngineConfig:
         dtype=engine.dtype,
         workers=engine.workers,
         max_batch=engine.max_batch,
-        avatar_cache=engine.avatar_cache,
         data_dir=settings.server.data_dir,
+        device_cache=settings.avatars.device_cache,
+        host_cache_bytes=settings.avatars.host_cache_bytes,
+        disk_bytes=settings.avatars.disk_bytes,
+        hot_after_uses=settings.avatars.hot_after_uses,
+        hot_window_s=settings.avatars.hot_window_s,
     )
 
 

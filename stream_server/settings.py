@@ -63,6 +63,7 @@ class QueueSettings(BaseModel):
     coalesce_s: float = 0.25
     retry_after_s: float = 10.0
     overtake_reserve: float = 0.5
+    hot_boost_s: float = 30.0
     tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
 
     def tier(self, name: str) -> TierSettings:
@@ -90,7 +91,6 @@ class EngineSettings(BaseModel):
     capacity_headroom: float = 0.8
     max_batch: int = 8
     stream_buffer_frames: int = 50
-    avatar_cache: int = 16
 
 
 class IceServer(BaseModel):
@@ -107,6 +107,26 @@ class StreamSettings(BaseModel):
     clip_cache_bytes: int = 10 << 30
     webrtc_offer_timeout_s: float = 20.0
     audio_bitrate: int = 64000
+    clip_store: Literal["local", "s3"] = "local"
+    s3_bucket: str = ""
+    s3_prefix: str = "clips/"
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    cdn_base_url: str = ""
+
+
+class AvatarSettings(BaseModel):
+    device_cache: int = 4
+    host_cache_bytes: int = 2 << 30
+    disk_bytes: int = 0
+    hot_after_uses: int = 10
+    hot_window_s: float = 600.0
+    prepare_queue: int = 8
+
+
+class TemplateSettings(BaseModel):
+    file: Path = Path("configs/templates.toml")
+    pregen_top_k: int = 0
 
 
 class Settings(BaseSettings):
@@ -118,6 +138,8 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
+    avatars: AvatarSettings = Field(default_factory=AvatarSettings)
+    templates: TemplateSettings = Field(default_factory=TemplateSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -142,5 +164,9 @@ class Settings(BaseSettings):
         waits = [self.queue.tiers[t].max_wait_s for t in TIER_NAMES]
         if waits != sorted(waits):
             raise ValueError("queue.tiers max_wait_s must not decrease from vip to normal to low")
+        if self.avatars.device_cache < 1:
+            raise ValueError("avatars.device_cache must hold at least one avatar per worker")
+        if self.queue.hot_boost_s < 0:
+            raise ValueError("queue.hot_boost_s must not be negative")
         if self.engine.slots < 0:
             raise ValueError("engine.slots must be 0 (measure) or more")

@@ -3,6 +3,7 @@ id validation and the shipped default avatar."""
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -12,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.avatars.jobs import AvatarBusy
+from inference.avatars.jobs import AvatarBusy, Progress
 from inference.avatars.layout import STORE_FILE, FaceBox, InvalidAvatarId, validate_avatar_id
 from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.engine import PreparedAvatar, Renderer
@@ -57,7 +58,9 @@ class FixedFaceRenderer(LiteRenderer):
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(10)
-        avatar = super().prepare_avatar_dir(directory, avatar_id, name, source, face_box=ASTRONAUT_FACE)
+        avatar = super().prepare_avatar_dir(
+            directory, avatar_id, name, source, face_box=ASTRONAUT_FACE, progress=hints.get("progress")
+        )
         if self.fail:
             raise PreparationError("failing on purpose after writing the files")
         self.prepared += 1
@@ -69,9 +72,22 @@ def renderer() -> FixedFaceRenderer:
     return FixedFaceRenderer()
 
 
+@functools.cache
+def _astronaut_bytes(folder: Path) -> int:
+    probe = AvatarStore(folder, FixedFaceRenderer())
+    one = probe.get(probe.prepare("probe", "Probe", ASSET).id)
+    assert one is not None
+    return one.nbytes
+
+
+def astronaut_bytes(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """Host memory one prepared astronaut holds (what the host cache budgets)."""
+    return _astronaut_bytes(tmp_path_factory.getbasetemp() / "astronaut-probe")
+
+
 @pytest.fixture
-def store(tmp_path: Path, renderer: FixedFaceRenderer) -> AvatarStore:
-    return AvatarStore(tmp_path / "avatars", renderer, cache_size=2)
+def store(tmp_path: Path, renderer: FixedFaceRenderer, tmp_path_factory: pytest.TempPathFactory) -> AvatarStore:
+    return AvatarStore(tmp_path / "avatars", renderer, host_cache_bytes=2 * astronaut_bytes(tmp_path_factory))
 
 
 def leftovers(root: Path) -> list[str]:
@@ -328,12 +344,19 @@ class PlainRenderer(Renderer):
         return self.inner.avatar_files
 
     def prepare_avatar_dir(
-        self, directory: Path, avatar_id: str, name: str, source: Path | str, *, face_box: FaceBox | None = None
+        self,
+        directory: Path,
+        avatar_id: str,
+        name: str,
+        source: Path | str,
+        *,
+        face_box: FaceBox | None = None,
+        progress: Progress | None = None,
     ) -> PreparedAvatar:
         if self.fail:
             raise PreparationError("failing on purpose")
         self.prepared += 1
-        return self.inner.prepare_avatar_dir(directory, avatar_id, name, source, face_box=face_box)
+        return self.inner.prepare_avatar_dir(directory, avatar_id, name, source, face_box=face_box, progress=progress)
 
     def load_avatar_dir(self, directory: Path) -> PreparedAvatar | None:
         return self.inner.load_avatar_dir(directory)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.avatars.cache import AvatarCache
+from inference.avatars.cache import DeviceAvatarCache
 from inference.avatars.jobs import AvatarBusy, JobStatus
 from inference.avatars.layout import STORE_FILE, AvatarLayout, InvalidAvatarId, replace_dir, validate_avatar_id
 from inference.avatars.store import AvatarStore
@@ -175,7 +175,7 @@ class Token(PreparedAvatar):
 
 
 def test_the_cache_is_bounded_least_recently_used_first() -> None:
-    cache = AvatarCache(3)
+    cache = DeviceAvatarCache(3)
     tokens = {k: Token(k) for k in "abcde"}
     for k in "abc":
         cache.put(k, tokens[k])
@@ -187,11 +187,11 @@ def test_the_cache_is_bounded_least_recently_used_first() -> None:
     cache.discard("d")
     assert cache.ids() == ["a", "e"]
     with pytest.raises(ValueError):
-        AvatarCache(0)
+        DeviceAvatarCache(0)
 
 
 def test_the_cache_stays_bounded_and_consistent_under_threads() -> None:
-    cache = AvatarCache(4)
+    cache = DeviceAvatarCache(4)
     tokens = [Token(f"t{i}") for i in range(32)]
     errors: list[BaseException] = []
     start = threading.Barrier(8)
@@ -219,15 +219,18 @@ def test_the_cache_stays_bounded_and_consistent_under_threads() -> None:
     assert all(cache.get(i) is next(t for t in tokens if t.info.id == i) for i in ids)
 
 
-def test_the_store_cache_size_is_its_bound(tmp_path: Path) -> None:
-    store = AvatarStore(tmp_path, FixedFaceRenderer(), cache_size=1)
+def test_the_store_host_cache_budget_is_its_bound(tmp_path: Path) -> None:
+    probe = AvatarStore(tmp_path / "probe", FixedFaceRenderer())
+    one = probe.get(probe.prepare("probe", "Probe", ASSET).id)
+    assert one is not None
+    store = AvatarStore(tmp_path / "avatars", FixedFaceRenderer(), host_cache_bytes=one.nbytes)
     store.prepare("sam", "Sam", ASSET)
     store.prepare("tia", "Tia", ASSET)
     sam = store.get("sam")
     assert sam is not None and store.get("tia") is not None
     assert store.get("sam") is not sam  # evicted by tia, loaded again
     with pytest.raises(ValueError):
-        AvatarStore(tmp_path, FixedFaceRenderer(), cache_size=0)
+        AvatarStore(tmp_path, FixedFaceRenderer(), host_cache_bytes=0)
 
 
 def test_leftover_stages_from_a_crash_are_cleaned(tmp_path: Path) -> None:

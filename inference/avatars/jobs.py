@@ -1,13 +1,20 @@
-"""Avatar preparations: at most one at a time per avatar, each with a status and, when it failed, a
-reason a person can act on (what ``GET /v1/avatars/{id}`` reports)."""
+"""Avatar preparations: at most one at a time per avatar, each with a status, its progress and,
+when it failed, a reason a person can act on (what ``GET /v1/avatars/{id}`` reports)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+
+Progress = Callable[[int, int], None]
+"""``progress(done, total)``: a preparation's steps done so far (frames, for the engines)."""
+
+_serials = itertools.count(1)
 
 
 class AvatarBusy(RuntimeError):
@@ -22,17 +29,33 @@ class JobStatus(StrEnum):
 
 @dataclass(frozen=True)
 class PreparationJob:
-    """One preparation of one avatar. ``refresh`` marks a preparation of the engine's data again
-    from the stored source (stale, incomplete or damaged), as opposed to one from a new source:
-    when a refresh fails the avatar cannot be served, when a new source fails the old avatar stays."""
+    """One preparation of one avatar (a snapshot: every change makes a new one with the same
+    ``serial``). ``refresh`` marks a preparation of the engine's data again from the stored
+    source (stale, incomplete or damaged), as opposed to one from a new source: when a refresh
+    fails the avatar cannot be served, when a new source fails the old avatar stays."""
 
     avatar_id: str
     name: str
     refresh: bool
+    serial: int = dataclasses.field(default_factory=lambda: next(_serials))
     status: JobStatus = JobStatus.PREPARING
     reason: str | None = None
+    done: int = 0
+    total: int = 0
     started_at: float = dataclasses.field(default_factory=time.time)
     finished_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        """The job's id, as the API shows it."""
+        return f"{self.avatar_id}-{self.serial}"
+
+    @property
+    def progress(self) -> float:
+        """Share of the work done, 0 to 1 (1 once finished)."""
+        if self.status is not JobStatus.PREPARING:
+            return 1.0
+        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
 
     @property
     def unservable(self) -> bool:
@@ -56,6 +79,13 @@ class PreparationJobs:
             job = PreparationJob(avatar_id, name, refresh)
             self._latest[avatar_id] = job
             return job
+
+    def report(self, job: PreparationJob, done: int, total: int) -> None:
+        """Progress of a running job (ignored once it finished or was replaced)."""
+        with self._lock:
+            current = self._latest.get(job.avatar_id)
+            if current is not None and current.serial == job.serial and current.status is JobStatus.PREPARING:
+                self._latest[job.avatar_id] = dataclasses.replace(current, done=done, total=total)
 
     def succeed(self, job: PreparationJob) -> PreparationJob:
         return self._finish(job, JobStatus.READY, None)
@@ -83,9 +113,10 @@ class PreparationJobs:
                 del self._latest[avatar_id]
 
     def _finish(self, job: PreparationJob, status: JobStatus, reason: str | None) -> PreparationJob:
-        done = dataclasses.replace(job, status=status, reason=reason, finished_at=time.time())
         with self._lock:
-            if self._latest.get(job.avatar_id) is not job:
+            current = self._latest.get(job.avatar_id)
+            if current is None or current.serial != job.serial or current.status is not JobStatus.PREPARING:
                 raise RuntimeError(f"the preparation of {job.avatar_id!r} was finished twice")
+            done = dataclasses.replace(current, status=status, reason=reason, finished_at=time.time())
             self._latest[job.avatar_id] = done
         return done

@@ -12,10 +12,11 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from inference.avatars.cache import AvatarCache
-from inference.avatars.jobs import AvatarBusy, JobStatus, PreparationJob, PreparationJobs
+from inference.avatars.cache import CacheStats, HostAvatarCache
+from inference.avatars.jobs import AvatarBusy, JobStatus, PreparationJob, PreparationJobs, Progress
 from inference.avatars.layout import (
     AvatarLayout,
     AvatarRecord,
@@ -37,15 +38,31 @@ DEFAULT_AVATAR_SOURCE = Path(__file__).resolve().parent.parent / "assets" / "ast
 
 
 class AvatarStore:
-    """Avatars under ``root`` for ``renderer``; at most ``cache_size`` kept loaded."""
+    """Avatars under ``root`` for ``renderer``: at most ``host_cache_bytes`` of them kept loaded
+    in host memory, at most ``disk_bytes`` of prepared data on disk (0: no limit; the coldest
+    avatars' data goes first and is prepared again from the stored source when next used). Hot
+    avatars (``is_hot``) are kept in both while colder ones can go."""
 
-    def __init__(self, root: Path | str, renderer: Renderer, *, cache_size: int = 8) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        renderer: Renderer,
+        *,
+        host_cache_bytes: int = 2 << 30,
+        disk_bytes: int = 0,
+        is_hot: Callable[[str], bool] | None = None,
+    ) -> None:
         self.layout = AvatarLayout(root)
         self.root = self.layout.root
         self.renderer = renderer
         self.engine = engine_folder_name(renderer.name)
         self.jobs = PreparationJobs()
-        self._cache = AvatarCache(cache_size)
+        self.is_hot: Callable[[str], bool] = is_hot or (lambda avatar_id: False)
+        self._cache = HostAvatarCache(host_cache_bytes, lambda avatar_id: self.is_hot(avatar_id))
+        self.disk_bytes = disk_bytes
+        self.disk_stats = CacheStats()
+        """Loads from disk (hits), loads that had to prepare again (misses), data dropped (evictions)."""
+        self._last_used: dict[str, float] = {}
         self._lock = threading.Lock()
         self._id_locks: dict[str, threading.Lock] = {}
         self.root.mkdir(parents=True, exist_ok=True)
@@ -102,12 +119,23 @@ class AvatarStore:
         with self._id_lock(avatar_id):
             if self.jobs.is_running(avatar_id):
                 return None
-            avatar = self._cache.get(avatar_id)
+            avatar = self._cache.peek(avatar_id)
             if avatar is None:
                 avatar = self._load(avatar_id)
                 if avatar is not None:
                     self._cache.put(avatar_id, avatar)
-            return avatar
+        if avatar is not None:
+            self._last_used[avatar_id] = time.monotonic()
+            self._enforce_disk_budget(keep=avatar_id)
+        return avatar
+
+    @property
+    def host_stats(self) -> CacheStats:
+        return self._cache.stats
+
+    def loaded(self, avatar_id: str) -> bool:
+        """Whether the avatar is in host memory now."""
+        return avatar_id in self._cache
 
     # ----- changes -----
 
@@ -119,20 +147,36 @@ class AvatarStore:
         Listed as not ready meanwhile; on failure nothing of it is left and an avatar it was to
         replace stays as it was. Raises ``InvalidAvatarId``, ``AvatarBusy``, ``FileNotFoundError``
         or the renderer's error (``ValueError`` for a source it cannot use)."""
+        job = self.begin_preparation(avatar_id, name)
+        return self.run_preparation(job, source_path, face_box=face_box)
+
+    def begin_preparation(self, avatar_id: str, name: str) -> PreparationJob:
+        """Register a preparation (the avatar is ``preparing`` from now on) to be run later by
+        ``run_preparation``. Raises ``InvalidAvatarId`` or ``AvatarBusy``."""
         validate_avatar_id(avatar_id)
+        return self.jobs.begin(avatar_id, str(name).strip() or avatar_id)
+
+    def run_preparation(
+        self, job: PreparationJob, source_path: Path | str, *, face_box: FaceBox | None = None
+    ) -> AvatarInfo:
+        """Run a job ``begin_preparation`` registered; it ends ``ready`` or ``failed`` with the
+        reason, and the error is raised again."""
         source = Path(source_path)
-        if not source.is_file():
-            raise FileNotFoundError(f"avatar source {source} not found")
-        name = str(name).strip() or avatar_id
-        job = self.jobs.begin(avatar_id, name)
+        avatar_id = job.avatar_id
         try:
+            if not source.is_file():
+                raise FileNotFoundError(f"avatar source {source} not found")
             with self._id_lock(avatar_id):
-                avatar = self._prepare_new(avatar_id, name, source, face_box)
+                avatar = self._prepare_new(
+                    avatar_id, job.name, source, face_box, lambda done, total: self.jobs.report(job, done, total)
+                )
                 self._cache.put(avatar_id, avatar)
         except BaseException as exc:
             self.jobs.fail(job, _reason(exc))
             raise
         self.jobs.succeed(job)
+        self._last_used[avatar_id] = time.monotonic()
+        self._enforce_disk_budget(keep=avatar_id)
         return dataclasses.replace(avatar.info, ready=True)
 
     def delete(self, avatar_id: str) -> bool:
@@ -145,6 +189,7 @@ class AvatarStore:
                 raise AvatarBusy(f"avatar {avatar_id!r} is being prepared")
             self._cache.discard(avatar_id)
             self.jobs.forget(avatar_id)
+            self._last_used.pop(avatar_id, None)
             return self.layout.remove(avatar_id)
 
     def ensure_default(self) -> AvatarInfo:
@@ -163,7 +208,9 @@ class AvatarStore:
         with self._lock:
             return self._id_locks.setdefault(avatar_id, threading.Lock())
 
-    def _prepare_new(self, avatar_id: str, name: str, source: Path, face_box: FaceBox | None) -> PreparedAvatar:
+    def _prepare_new(
+        self, avatar_id: str, name: str, source: Path, face_box: FaceBox | None, progress: Progress
+    ) -> PreparedAvatar:
         """Prepare from a (new) source in a stage, then swap it in whole: the old source and
         every engine's data made from it go together."""
         stage = stage_dir(self.root, avatar_id)
@@ -171,7 +218,9 @@ class AvatarStore:
         try:
             copy = stage / source_name(source)
             shutil.copyfile(source, copy)
-            avatar = self.renderer.prepare_avatar_dir(stage / self.engine, avatar_id, name, copy, face_box=face_box)
+            avatar = self.renderer.prepare_avatar_dir(
+                stage / self.engine, avatar_id, name, copy, face_box=face_box, progress=progress
+            )
             record = self._record(avatar, copy.name, face_box, time.monotonic() - started)
             self.layout.write_record(stage, record)
             replace_dir(stage, self.layout.folder(avatar_id))
@@ -190,7 +239,9 @@ class AvatarStore:
         directory = self.layout.engine_dir(avatar_id, self.engine)
         avatar = self.renderer.load_avatar_dir(directory)
         if avatar is not None:
+            self.disk_stats.hits += 1
             return avatar
+        self.disk_stats.misses += 1
         problem = self.renderer.avatar_problem(directory) or "damaged (its files cannot be read)"
         try:
             job = self.jobs.begin(avatar_id, record.name, refresh=True)
@@ -227,6 +278,29 @@ class AvatarStore:
         self.layout.write_record(folder, self._record(avatar, record.source, record.face_box, seconds))
         return avatar
 
+    def _enforce_disk_budget(self, keep: str) -> None:
+        """Drop the prepared data of the coldest avatars (not ``keep``, hot ones last) until the
+        engine data on disk fits ``disk_bytes``. Records and sources stay: a dropped avatar is
+        listed as before and prepared again from its source when it is next used."""
+        if self.disk_bytes <= 0:
+            return
+        sizes = {i: _tree_bytes(self.layout.engine_dir(i, self.engine)) for i in self.layout.ids()}
+        total = sum(sizes.values())
+        order = sorted(
+            (i for i, size in sizes.items() if size > 0 and i != keep),
+            key=lambda i: (self.is_hot(i), self._last_used.get(i, 0.0)),
+        )
+        for avatar_id in order:
+            if total <= self.disk_bytes:
+                break
+            if self.jobs.is_running(avatar_id):
+                continue
+            with self._id_lock(avatar_id):
+                shutil.rmtree(self.layout.engine_dir(avatar_id, self.engine), ignore_errors=True)
+            total -= sizes[avatar_id]
+            self.disk_stats.evictions += 1
+            log.info("avatar %s: its %s data was dropped to keep avatars.disk_bytes", avatar_id, self.engine)
+
     def _record(self, avatar: PreparedAvatar, source: str, face_box: FaceBox | None, seconds: float) -> AvatarRecord:
         info = avatar.info
         return AvatarRecord(
@@ -241,6 +315,12 @@ class AvatarStore:
             prepared_at=time.time(),
             prepare_seconds=round(seconds, 3),
         )
+
+
+def _tree_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def _reason(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from inference import face as face_detection
+from inference.avatars.jobs import Progress
 from inference.engine import FPS
 from inference.face import FaceFinder, default_detector
 
@@ -86,7 +87,7 @@ def read_source(path: Path, params: PrepareParams) -> tuple[list[np.ndarray], st
         return [frame], "image", 0.0, _scale(image.shape, params.max_size)
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
-        raise PreparationError(f"{path.name}: neither an image nor a video OpenCV can read")
+        raise PreparationError(f"not a video or image: {path.name} cannot be decoded as either")
     try:
         fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         scale = 1.0
@@ -141,8 +142,11 @@ def _fit(rgb: np.ndarray, max_size: int) -> np.ndarray:
 # ----- faces -----
 
 
-def detect_faces(frames: list[np.ndarray], detector: FaceFinder) -> tuple[np.ndarray, np.ndarray]:
-    """Face boxes (N x 4, NaN where none) on key frames, and which frames are key frames."""
+def detect_faces(
+    frames: list[np.ndarray], detector: FaceFinder, progress: Progress | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Face boxes (N x 4, NaN where none) on key frames, and which frames are key frames;
+    ``progress`` hears the frames covered so far, of twice their number (the mouths follow)."""
     n = len(frames)
     stride = max(1, math.ceil(n / MAX_KEY_FRAMES))
     keys = list(range(0, n, stride))
@@ -161,6 +165,8 @@ def detect_faces(frames: list[np.ndarray], detector: FaceFinder) -> tuple[np.nda
         if found is not None:
             last = found
             boxes[k] = np.array(found) / scale
+        if progress is not None:
+            progress(k + 1, 2 * n)
     is_key = np.zeros(n, bool)
     is_key[keys] = True
     return boxes, is_key
@@ -170,7 +176,10 @@ def fill_boxes(boxes: np.ndarray) -> np.ndarray:
     """Interpolate between found boxes; before the first and after the last, hold the nearest."""
     found = np.flatnonzero(~np.isnan(boxes[:, 0]))
     if len(found) == 0:
-        raise PreparationError("no face found in the avatar source")
+        raise PreparationError(
+            "no face found in any frame: use a picture or video of one face, frontal, well lit "
+            "and at least 80 pixels wide"
+        )
     out = np.empty_like(boxes)
     idx = np.arange(len(boxes))
     for c in range(boxes.shape[1]):
@@ -257,10 +266,12 @@ def prepare_frames(
     params: PrepareParams,
     face_box: tuple[float, float, float, float] | None = None,
     detector: FaceFinder | None = None,
+    progress: Progress | None = None,
 ) -> Prepared:
     """Run the preparation. ``face_box`` (x, y, w, h in the source's pixels) skips face detection
     (the same box on every frame: meant for stills whose face is known); ``detector`` defaults to
-    ``inference.face``'s shared Haar detector."""
+    ``inference.face``'s shared Haar detector; ``progress(done, total)`` hears of the frames done
+    (each frame counts twice: its face, then its mouth)."""
     frames, kind, fps, scale = read_source(source, params)
     n = len(frames)
     h, w = frames[0].shape[:2]
@@ -268,7 +279,7 @@ def prepare_frames(
         boxes = np.tile(np.array(face_box, np.float64) * scale, (n, 1))
         detected = np.ones(n, bool)
     else:
-        raw, is_key = detect_faces(frames, detector or default_detector())
+        raw, is_key = detect_faces(frames, detector or default_detector(), progress)
         detected = is_key & ~np.isnan(raw[:, 0])
         boxes = fill_boxes(raw)
     boxes = smooth(boxes, params.smoothing_frames)
@@ -278,6 +289,8 @@ def prepare_frames(
         m = locate_mouth(frames[i], boxes[i])
         found[i] = m is not None
         mouths[i] = m if m is not None else mouth_prior(boxes[i])
+        if progress is not None and (i % 10 == 9 or i == n - 1):
+            progress(n + i + 1, 2 * n)
     if found.any():
         # the lips' size relative to the face hardly changes: use the typical ratio everywhere, and
         # the measured positions where the lips were found (the face box prior elsewhere)

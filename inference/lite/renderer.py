@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inference.avatars.jobs import Progress
 from inference.avatars.layout import FaceBox
 from inference.engine import FrameRequest, Renderer
 from inference.face import FaceFinder
@@ -92,8 +93,11 @@ class LiteRenderer(Renderer):
         source: Path | str,
         *,
         face_box: FaceBox | None = None,
+        progress: Progress | None = None,
     ) -> LiteAvatar:
-        prepared = prepare_frames(Path(source), self.params, face_box=face_box, detector=self.face_detector)
+        prepared = prepare_frames(
+            Path(source), self.params, face_box=face_box, detector=self.face_detector, progress=progress
+        )
         meta = save_avatar(
             Path(directory), avatar_id, name, prepared, version=self.preparation_version, params=self.params
         )

@@ -75,6 +75,19 @@ class MuseTalkAvatar(PreparedAvatar):
         self.data.latents = self.data.latents.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory: the frames and blending weights (latents count where they live)."""
+        alphas = sum(a.nbytes for a in self.data.alphas if a is not None)
+        latents = self.data.latents
+        on_host = latents.element_size() * latents.nelement() if latents.device.type == "cpu" else 0
+        return int(self.data.frames.nbytes + alphas + on_host)
+
+    def release_on(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Drop the copy of the latents ``latents_on`` made for ``device`` (its worker's device
+        cache evicted this avatar); the primary latents stay."""
+        self._latents.pop((device, dtype), None)
+
     def latents_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The latents on ``device`` in ``dtype``: an avatar loaded once is shared by workers on
         several GPUs, and each gets its own copy once instead of a transfer every batch."""

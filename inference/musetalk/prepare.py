@@ -110,7 +110,7 @@ def prepare(
     """Compute an avatar's latents, boxes and masks; fails when no frame has a face."""
     boxes = fill_gaps([_valid(box) for box in detect_boxes(frames, detector)])
     if all(b is None for b in boxes):
-        raise ValueError("no face found in the avatar source")
+        raise ValueError("no face found in any frame: use a picture or video of one face, frontal and well lit")
     face_frames = [i for i, b in enumerate(boxes) if b is not None]
     crops = np.stack([face_crop(frames[i], boxes[i]) for i in face_frames])  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)

@@ -11,8 +11,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from inference.avatars.jobs import Progress
 from inference.avatars.layout import FaceBox
-from inference.engine import FrameRequest, Renderer
+from inference.engine import FrameRequest, PreparedAvatar, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
 from inference.musetalk.avatar import AVATAR_FILES, MuseTalkAvatar, load_avatar, recorded_version, save_avatar
 from inference.musetalk.blend import paste_face
@@ -132,14 +133,21 @@ class MuseTalkRenderer(Renderer):
         source: Path | str,
         *,
         face_box: FaceBox | None = None,
+        progress: Progress | None = None,
     ) -> MuseTalkAvatar:
+        """``progress`` hears of the start and the end only (the batched steps have no frame order)."""
         detector = self.detector
         if face_box is not None:
             detector = _fixed_face(face_box, self.extra_margin)
         parser = None
         if self.models.face_parser is not None:
             parser = FaceParser(self.models.face_parser, self.models.device, mode=self.mask_mode)
-        data = prepare(self.models, read_frames(source), detector, parser=parser, seed=self.seed)
+        frames = read_frames(source)
+        if progress is not None:
+            progress(0, len(frames))
+        data = prepare(self.models, frames, detector, parser=parser, seed=self.seed)
+        if progress is not None:
+            progress(len(frames), len(frames))
         avatar = MuseTalkAvatar(avatar_id, name, data, self.preparation_version)
         save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
@@ -150,6 +158,10 @@ class MuseTalkRenderer(Renderer):
 
     def recorded_version(self, directory: Path) -> str | None:
         return recorded_version(Path(directory))
+
+    def release_avatar(self, avatar: PreparedAvatar) -> None:
+        if isinstance(avatar, MuseTalkAvatar):
+            avatar.release_on(self.models.device, self.models.dtype)
 
     # ----- audio -----
 

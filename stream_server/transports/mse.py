@@ -9,13 +9,11 @@ stops rendering for this session.
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from inference.engine import FPS, Frame
 from inference.stream import EngineStream, StreamState
@@ -34,11 +32,8 @@ class StreamResult:
     frames: int
     state: StreamState
     error: BaseException | None
-    clip_path: Path | None = None
-
-
-def clip_sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
+    clip_key: str | None = None
+    """The key the finished clip was stored under, if it was."""
 
 
 class ProgressReporter:
@@ -123,12 +118,12 @@ class MseSender:
             if self.stream.state is StreamState.FINISHED:
                 await self._send(muxer, await self._in_encoder(self._close, muxer))
                 self.progress.flush()
-                clip_path = None
+                clip_key = None
                 if self.clip is not None:
                     meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height,
                             "fps": FPS, "frames": self.frames}
-                    clip_path = await self._in_encoder(self._commit_clip, meta)
-                return StreamResult(self.frames, self.stream.state, None, clip_path)
+                    clip_key = await self._in_encoder(self._commit_clip, meta)
+                return StreamResult(self.frames, self.stream.state, None, clip_key)
             return StreamResult(self.frames, self.stream.state, self.stream.error)
         finally:
             # Queued behind any encode still running, so the muxer is never used by two threads.
@@ -162,12 +157,11 @@ class MseSender:
                 self.clip.write(seg)
         return segments
 
-    def _commit_clip(self, meta: dict[str, object]) -> Path:
+    def _commit_clip(self, meta: dict[str, object]) -> str:
         assert self.clip is not None
-        clip_sidecar(self.clip.store.path(self.clip.key)).write_text(json.dumps(meta))
-        path = self.clip.commit()
+        key = self.clip.commit(meta)
         self._clip_committed = True
-        return path
+        return key
 
     async def _send(self, muxer: FragmentedMp4Muxer, segments: list[bytes]) -> None:
         if not segments:
@@ -182,10 +176,8 @@ class MseSender:
             await self.outbox.send_media(seg)
 
 
-async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -> int:
+async def send_cached_clip(data: bytes, meta: Mapping[str, Any], outbox: Outbox, max_message_bytes: int) -> int:
     """Answer a repeated clip from the cache: ``stream``, the file as init + segment messages."""
-    meta = json.loads(await asyncio.to_thread(clip_sidecar(path).read_text))
-    data = await asyncio.to_thread(path.read_bytes)
     outbox.send(stream_start("mse", meta["width"], meta["height"], meta["mime"]))
     boxes, _ = split_boxes(data)
     chunk = bytearray()
