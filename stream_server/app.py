@@ -21,7 +21,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from inference.avatars.layout import InvalidAvatarId, validate_avatar_id
+from inference.avatars.jobs import AvatarBusy, JobStatus, PreparationJob
+from inference.avatars.layout import InvalidAvatarId, is_avatar_id, validate_avatar_id
+from inference.avatars.preparer import PreparationsFull
+from inference.engine import AvatarInfo
 from inference.pool import EnginePool
 from stream_server.node import Node
 from stream_server.outbox import Outbox
@@ -193,7 +196,8 @@ def _bearer(request: Request) -> str | None:
 
 async def create_avatar(request: Request) -> Response:
     """Admin: the request body is the image or video; ``?id=`` and ``?name=`` name the avatar.
-    Preparation runs as a background job; the avatar is listed with ``ready: false`` until done."""
+    Preparation runs as a low-priority job, one at a time (``AvatarPreparer``); ``202`` with the
+    job, whose status and progress ``GET /v1/avatars/{id}`` reports."""
     node: Node = request.app.state.node
     denied = _admin_denied(request, node)
     if denied is not None:
@@ -211,19 +215,97 @@ async def create_avatar(request: Request) -> Response:
     )
     upload = Path(tempfile.gettempdir()) / f"mts-upload-{secrets.token_hex(8)}{suffix}"
     await asyncio.to_thread(upload.write_bytes, body)
+    preparer = node.preparer
+    assert preparer is not None
+    try:
+        job = preparer.submit(avatar_id, name, upload)
+    except AvatarBusy as exc:
+        upload.unlink(missing_ok=True)
+        return JSONResponse({"code": "busy", "message": str(exc)}, status_code=409)
+    except PreparationsFull as exc:
+        upload.unlink(missing_ok=True)
+        return JSONResponse(
+            {"code": "busy", "message": f"{exc}; try again later"}, status_code=503, headers={"Retry-After": "30"}
+        )
+    return JSONResponse(
+        {"id": avatar_id, "name": name, "status": job.status.value, "ready": False, "job": job_view(job)},
+        status_code=202,
+        headers={"Location": f"/v1/avatars/{avatar_id}"},
+    )
 
-    def prepare() -> None:
-        try:
-            node.engine.avatars.prepare(avatar_id, name, upload)
-        except Exception:
-            log.exception("preparing avatar %s failed", avatar_id)
-        finally:
-            upload.unlink(missing_ok=True)
 
-    job = asyncio.get_running_loop().run_in_executor(None, prepare)
-    request.app.state.jobs.add(job)
-    job.add_done_callback(request.app.state.jobs.discard)
-    return JSONResponse({"id": avatar_id, "name": name, "ready": False}, status_code=202)
+def job_view(job: PreparationJob) -> dict[str, object]:
+    view: dict[str, object] = {
+        "id": job.id,
+        "status": job.status.value,
+        "progress": round(job.progress, 3),
+        "started_at": job.started_at,
+    }
+    if job.finished_at is not None:
+        view["finished_at"] = job.finished_at
+    if job.reason is not None:
+        view["reason"] = job.reason
+    return view
+
+
+def avatar_view(avatar_id: str, info: AvatarInfo | None, job: PreparationJob | None) -> dict[str, object] | None:
+    """``GET /v1/avatars/{id}``: ``preparing`` (with progress), ``ready`` or ``failed`` (with the
+    reason); ``None`` when there is no such avatar and no job for it."""
+    if info is None and job is None:
+        return None
+    view: dict[str, object] = {"id": avatar_id, "name": info.name if info else job.name if job else avatar_id}
+    if job is not None and job.status is JobStatus.PREPARING:
+        view["status"] = "preparing"
+        view["progress"] = round(job.progress, 3)
+    elif info is not None and info.ready:
+        view["status"] = "ready"
+        if job is not None and job.status is JobStatus.FAILED:  # a new source failed; the old avatar stays
+            view["reason"] = f"the last upload was not used: {job.reason}"
+    else:
+        view["status"] = "failed"
+        view["reason"] = job.reason if job is not None and job.reason else "its data cannot be read"
+    view.update(
+        frames=info.frames if info else 0, width=info.width if info else 0, height=info.height if info else 0
+    )
+    if job is not None:
+        view["job"] = job_view(job)
+    return view
+
+
+async def get_avatar(request: Request) -> Response:
+    node: Node = request.app.state.node
+    avatar_id = request.path_params["avatar_id"]
+    if not is_avatar_id(avatar_id):
+        return JSONResponse({"code": "bad_message", "message": f"invalid avatar id {avatar_id!r}"}, status_code=400)
+    store = node.engine.avatars
+    info = await asyncio.to_thread(store.info, avatar_id)
+    view = avatar_view(avatar_id, info, store.job(avatar_id))
+    if view is None:
+        return JSONResponse({"code": "unknown_avatar", "message": f"no avatar {avatar_id!r}"}, status_code=404)
+    return JSONResponse(view, headers={"Cache-Control": "no-store"})
+
+
+async def delete_avatar(request: Request) -> Response:
+    """Admin: remove the avatar (disk, memory, every worker) and every clip made with it."""
+    node: Node = request.app.state.node
+    denied = _admin_denied(request, node)
+    if denied is not None:
+        return denied
+    avatar_id = request.path_params["avatar_id"]
+    if not is_avatar_id(avatar_id):
+        return JSONResponse({"code": "bad_message", "message": f"invalid avatar id {avatar_id!r}"}, status_code=400)
+    engine = node.engine
+    try:
+        removed = await asyncio.to_thread(engine.avatars.delete, avatar_id)
+    except AvatarBusy as exc:
+        message = f"{exc}; delete it once it is ready or failed"
+        return JSONResponse({"code": "busy", "message": message}, status_code=409)
+    engine.forget(avatar_id)
+    engine.hot.forget(avatar_id)
+    clips = await asyncio.to_thread(node.clips.remove_avatar, avatar_id)
+    if not removed and clips == 0:
+        return JSONResponse({"code": "unknown_avatar", "message": f"no avatar {avatar_id!r}"}, status_code=404)
+    return JSONResponse({"id": avatar_id, "deleted": True, "clips_removed": clips})
 
 
 def _admin_denied(request: Request, node: Node) -> Response | None:
@@ -267,18 +349,24 @@ async def admin_stats(request: Request) -> Response:
 
 
 async def get_clip(request: Request) -> Response:
+    """A stored clip: the file with ranges from a local store, the bytes from an object store
+    (a CDN in front of the store, ``stream.cdn_base_url``, spares this node those requests)."""
     node: Node = request.app.state.node
     key = request.path_params["key"]
-    if not node.clips.exists(key):
+    if not await asyncio.to_thread(node.clips.exists, key):
         return JSONResponse({"code": "not_found", "message": "no such clip"}, status_code=404)
     etag = f'"{key}"'
     headers = {"ETag": etag, "Cache-Control": "public, max-age=31536000, immutable"}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     node.metrics.clips_served.inc()
-    return FileResponse(
-        node.clips.path(key), media_type="video/mp4", headers=headers, content_disposition_type="inline"
-    )
+    path = node.clips.path(key)
+    if path is not None:
+        return FileResponse(path, media_type="video/mp4", headers=headers, content_disposition_type="inline")
+    found = await asyncio.to_thread(node.clips.read, key)
+    if found is None:
+        return JSONResponse({"code": "not_found", "message": "no such clip"}, status_code=404)
+    return Response(found[0], media_type="video/mp4", headers=headers)
 
 
 class StreamServerApp:
@@ -293,7 +381,6 @@ class StreamServerApp:
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             node = Node(settings, engine=engine)
             app.state.node = self.node = node
-            app.state.jobs = set()
             await node.start()
             try:
                 yield
@@ -307,6 +394,8 @@ class StreamServerApp:
             Route("/v1/admin/stats", admin_stats),
             Route("/v1/avatars", list_avatars, methods=["GET"]),
             Route("/v1/avatars", create_avatar, methods=["POST"]),
+            Route("/v1/avatars/{avatar_id}", get_avatar, methods=["GET"]),
+            Route("/v1/avatars/{avatar_id}", delete_avatar, methods=["DELETE"]),
             Route("/v1/queue", queue_summary),
             Route("/v1/clips/{key}.mp4", get_clip, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),

@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from inference.avatars.cache import CacheStats
 
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class AvatarCacheCollector(Collector):
+    """``mts_avatar_cache_{hits,misses,evictions}_total`` by level (device, host, disk), read from
+    the caches' own counts when scraped (no per-avatar labels)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, CacheStats]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        levels = self.stats()
+        for field, what in (("hits", "found"), ("misses", "not found"), ("evictions", "evicted")):
+            family = CounterMetricFamily(
+                f"mts_avatar_cache_{field}", f"Avatars {what} in a cache level", labels=["level"]
+            )
+            for level, counts in levels.items():
+                family.add_metric([level], getattr(counts, field))
+            yield family
 
 
 class Metrics:
@@ -35,3 +59,6 @@ class Metrics:
         )
         self.clips_served = Counter("mts_clips_served_total", "Clips served over HTTP or from the cache", registry=r)
         self.position_pushes = Counter("mts_position_pushes_total", "queued messages sent", registry=r)
+
+    def watch_avatar_caches(self, stats: Callable[[], Mapping[str, CacheStats]]) -> None:
+        self.registry.register(AvatarCacheCollector(stats))

@@ -7,7 +7,9 @@ import contextlib
 import gc
 import logging
 import time
+from pathlib import Path
 
+from inference.avatars.preparer import AvatarPreparer
 from inference.engine import FPS
 from inference.pool import EngineConfig, EnginePool
 from stream_server.admission.admission import Admission
@@ -24,6 +26,7 @@ from stream_server.session.owner import RequestOwner
 from stream_server.session.serving import Serving
 from stream_server.session.session import Session, SessionServices
 from stream_server.settings import TIER_NAMES, Settings
+from stream_server.templates import TemplateLibrary
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 50, 100)
@@ -47,6 +50,20 @@ def engine_config(settings: Settings) -> EngineConfig:
     )
 
 
+def clip_store(settings: Settings) -> ClipStore:
+    """The clip store ``stream.clip_store`` names, staging under ``<data_dir>/clips``."""
+    stream = settings.stream
+    root = settings.server.data_dir / "clips"
+    backend = None
+    if stream.clip_store == "s3":
+        from stream_server.clips.s3 import S3ClipBackend
+
+        backend = S3ClipBackend(
+            stream.s3_bucket, prefix=stream.s3_prefix, endpoint_url=stream.s3_endpoint_url, region=stream.s3_region
+        )
+    return ClipStore(root, stream.clip_cache_bytes, backend=backend, cdn_base_url=stream.cdn_base_url)
+
+
 class Node:
     """Constructed on the loop without blocking; ``start`` loads the engine in a thread."""
 
@@ -62,7 +79,9 @@ class Node:
             self.admission, self.metrics, settings.queue.heartbeat_s, lambda: self.engine.frames_per_second()
         )
         self._engine = engine
-        self.clips = ClipStore(settings.server.data_dir / "clips", settings.stream.clip_cache_bytes)
+        self.clips = clip_store(settings)
+        self.templates = TemplateLibrary.load(Path(settings.templates.file) if settings.templates.file else None)
+        self.preparer: AvatarPreparer | None = None
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
@@ -83,7 +102,9 @@ class Node:
         if self._engine is None:
             self._engine = await asyncio.to_thread(EnginePool, engine_config(self.settings))
         engine = self._engine
+        self.metrics.watch_avatar_caches(engine.cache_stats)
         default = await asyncio.to_thread(engine.avatars.ensure_default)
+        self.preparer = AvatarPreparer(engine.avatars, max_pending=self.settings.avatars.prepare_queue)
         if self.settings.engine.slots == 0:
             await self._calibrate_slots(default.id)
         engine.start()
@@ -95,6 +116,7 @@ class Node:
             dispatcher=self.dispatcher,
             serving=Serving(self.settings, engine, self.clips, self.metrics),
             start_limiter=self.start_limiter,
+            templates=self.templates,
         )
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.
@@ -114,6 +136,8 @@ class Node:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.preparer is not None:
+            await asyncio.to_thread(self.preparer.shutdown)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
 

@@ -80,6 +80,8 @@ class Start(_Client):
     mode: Literal["clip", "live"]
     transport: Literal["mse", "webrtc"]
     audio: AudioSpec | None = None
+    template: str | None = Field(default=None, min_length=1, max_length=64)
+    """A template phrase id instead of audio (clip mode): answered from the clip store when rendered."""
 
 
 class AudioEnd(_Client):

@@ -125,7 +125,7 @@ class AvatarSettings(BaseModel):
 
 
 class TemplateSettings(BaseModel):
-    file: Path = Path("configs/templates.toml")
+    file: str = ""
     pregen_top_k: int = 0
 
 

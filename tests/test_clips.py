@@ -11,10 +11,11 @@ from stream_server.clips import ClipStore, clip_key
 
 
 def write(store: ClipStore, key: str, size: int, when: int) -> None:
-    writer = store.writer(key)
+    writer = store.writer(key, "astronaut")
     writer.write(b"\0" * size)
-    store.path(key).with_suffix(".json").write_text("{}")
-    path = writer.commit()
+    writer.commit({"frames": 1})
+    path = store.path(key)
+    assert path is not None
     os.utime(path, ns=(when, when))
 
 
@@ -26,13 +27,14 @@ def test_oldest_clips_are_evicted_beyond_the_limit(tmp_path: Path) -> None:
     assert all(store.exists(k) for k in keys[:2])
     write(store, keys[2], 1000, when=10**18 + 5)
     assert not store.exists(keys[0]) and store.exists(keys[1]) and store.exists(keys[2])
-    assert not store.path(keys[0]).with_suffix(".json").exists()
+    assert not (tmp_path / f"{keys[0]}.json").exists()
+    assert not (tmp_path / "by-avatar" / "astronaut" / keys[0]).exists()
 
 
 def test_unfinished_clips_are_invisible_and_cleaned(tmp_path: Path) -> None:
     store = ClipStore(tmp_path)
     key = clip_key(n=1)
-    writer = store.writer(key)
+    writer = store.writer(key, "astronaut")
     writer.write(b"partial")
     assert not store.exists(key)
     writer.discard()

@@ -60,14 +60,23 @@ class Admission(Generic[OwnerT]):
             del self._parked[owner.resume_key]
 
     async def join(
-        self, ticket_id: str, identity: str, tier: str, avatar: str, now: float, owner: OwnerT | None = None
+        self,
+        ticket_id: str,
+        identity: str,
+        tier: str,
+        avatar: str,
+        now: float,
+        owner: OwnerT | None = None,
+        *,
+        hot: bool = False,
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
-        and its grant; a ticket granted with no owner is released by the dispatcher."""
+        and its grant; a ticket granted with no owner is released by the dispatcher. ``hot``: its
+        avatar is hot (the policy's bounded boost)."""
         await self._expire(now)
         while True:
             snapshot, version = await self.store.join_snapshot(identity, tier, now)
-            key = self.policy.admit(tier, now, snapshot)
+            key = self.policy.admit(tier, now, snapshot, hot=hot)
             added = await self.store.insert(NewTicket(ticket_id, identity, tier, avatar, now, key), version)
             if added is not None:
                 break

@@ -11,6 +11,10 @@ that is not the difference of the maximum waits either lets a full lower-tier li
 tiers at admission, or lets higher-tier load push a lower tier past its maximum.)
 Keys never change, so a waiting ticket only moves back when a ticket with a smaller key joins.
 
+Hot avatars (``inference.avatars.hot``) get a bounded in-tier boost: their tickets are keyed up to
+``hot_boost_s`` earlier, never so far that they pass a higher-tier ticket that joined at the same
+time or before (``hot_boost``), and never when that would make an on-time waiting ticket late.
+
 Admission keeps those deadlines (by the estimates): a join is refused when its own estimated wait,
 plus a reserve for the higher-tier work expected to overtake it (at most ``overtake_reserve`` of its
 maximum wait), is over its tier's maximum, or when it would push a ticket that is still on time past
@@ -44,6 +48,8 @@ class Ticket:
 
 
 OVERTAKE_SAFETY = 1.5
+HOT_BOOST_MARGIN_S = 0.001
+"""A boosted key stays this much after a higher tier's key for the same join time (strictly after)."""
 
 
 class QueueFull(Exception):
@@ -83,17 +89,34 @@ class AdmissionPolicy:
     def resume_grace_s(self) -> float:
         return self.settings.resume_grace_s
 
-    def order_key(self, tier: str, joined_at: float) -> float:
-        return joined_at + self.settings.tier(tier).max_wait_s
+    def order_key(self, tier: str, joined_at: float, *, hot: bool = False) -> float:
+        """The deadline ``joined_at + max_wait_s``; for a hot avatar's ticket, ``hot_boost`` earlier."""
+        key = joined_at + self.settings.tier(tier).max_wait_s
+        return key - self.hot_boost(tier) if hot else key
 
-    def admit(self, tier: str, now: float, line: JoinSnapshot) -> float:
-        """The order key of a ticket of ``tier`` joining ``line`` now; raise ``IdentityBusy`` or
-        ``QueueFull`` when it may not join."""
+    def hot_boost(self, tier: str) -> float:
+        """How much earlier a hot avatar's ticket of ``tier`` is keyed: at most ``hot_boost_s``,
+        and less (by ``HOT_BOOST_MARGIN_S``) than the gap to the maximum wait of every tier listed
+        above it, so the boosted key stays after the key of any higher-tier ticket that joined at
+        the same time or earlier; the top tier's key stays at or after its join time."""
+        tiers = list(self.settings.tiers)
+        max_wait = self.settings.tier(tier).max_wait_s
+        higher = [self.settings.tier(t).max_wait_s for t in tiers[: tiers.index(tier)]]
+        room = max_wait - max(higher) - HOT_BOOST_MARGIN_S if higher else max_wait
+        return max(0.0, min(self.settings.hot_boost_s, room))
+
+    def admit(self, tier: str, now: float, line: JoinSnapshot, *, hot: bool = False) -> float:
+        """The order key of a ticket of ``tier`` joining ``line`` now (``hot``: its avatar is
+        hot); raise ``IdentityBusy`` or ``QueueFull`` when it may not join. A boost that would
+        make an on-time waiting ticket late is not given."""
         s = self.settings
         if line.identity_active >= s.per_identity_cap:
             raise IdentityBusy(f"this identity already has {line.identity_active} active request(s)")
-        key = self.order_key(tier, now)
+        key = self.order_key(tier, now, hot=hot)
         eta, delays = self._join_estimate(tier, key, now, line)
+        if hot and delays:
+            key = self.order_key(tier, now)
+            eta, delays = self._join_estimate(tier, key, now, line)
         retry = self.retry_after(eta)
         if len(line.waiting) + len(line.held) >= s.global_cap:
             raise QueueFull(f"the queue is full ({s.global_cap} waiting)", retry)

@@ -12,8 +12,8 @@ from pathlib import Path
 class BlobInfo:
     name: str
     size: int
-    modified: float
-    """Seconds since the epoch: when it was written."""
+    modified_ns: int
+    """Nanoseconds since the epoch: when it was written."""
 
 
 class ClipBackend(ABC):

@@ -61,7 +61,7 @@ class LocalClipBackend(ClipBackend):
             if entry.is_file() and entry.name.startswith(start) and not entry.name.startswith(".part-"):
                 stat = entry.stat()
                 name = f"{folder}/{entry.name}" if folder else entry.name
-                found.append(BlobInfo(name, stat.st_size, stat.st_mtime))
+                found.append(BlobInfo(name, stat.st_size, stat.st_mtime_ns))
         return found
 
     def local_path(self, name: str) -> Path | None:

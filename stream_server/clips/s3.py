@@ -71,5 +71,6 @@ class S3ClipBackend(ClipBackend):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix), Delimiter="/"):
             for item in page.get("Contents", []):
                 name = str(item["Key"])[len(self.prefix) :]
-                found.append(BlobInfo(name, int(item["Size"]), item["LastModified"].timestamp()))
+                modified_ns = int(item["LastModified"].timestamp() * 1e9)
+                found.append(BlobInfo(name, int(item["Size"]), modified_ns))
         return found

@@ -127,7 +127,7 @@ class ClipStore:
         with self._lock:
             clips = sorted(
                 (b for b in self.backend.list("") if b.name.endswith(".mp4") and is_key(b.name[:-4])),
-                key=lambda b: b.modified,
+                key=lambda b: (b.modified_ns, b.name),
             )
             total = sum(b.size for b in clips)
             removed: list[str] = []

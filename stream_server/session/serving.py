@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from inference.engine import FPS
 from inference.pool import EnginePool
@@ -36,6 +37,15 @@ def done_message(frames: int, clip: str | None, *, time_limit_s: float | None = 
 
 
 @dataclass(frozen=True)
+class CachedClip:
+    """A stored clip read for a replay: its key, its bytes and its sidecar."""
+
+    key: str
+    data: bytes
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Serving:
     settings: Settings
     engine: EnginePool
@@ -48,14 +58,15 @@ class Serving:
 
     # ----- the clip cache -----
 
-    async def find_cached(self, request: Request) -> bool:
-        """Key a complete MSE clip for the cache; True if the same clip was made before."""
+    async def find_cached(self, request: Request) -> CachedClip | None:
+        """Key a complete MSE clip for the cache; the stored clip if the same was made before."""
         if request.start.transport != "mse":
-            return False
+            return None
         revision = await asyncio.to_thread(self.engine.avatars.revision, request.start.avatar)
         stream = self.settings.stream
         request.clip_key = clip_key(
             engine=self.engine.name,
+            engine_version=self.engine.version,
             avatar=request.start.avatar,
             avatar_revision=revision,
             audio=request.audio.digest,
@@ -66,16 +77,15 @@ class Serving:
             audio_bitrate=stream.audio_bitrate,
         )
         if request.media_started:
-            return False
-        return await asyncio.to_thread(self.clips.exists, request.clip_key)
+            return None
+        found = await asyncio.to_thread(self.clips.read, request.clip_key)
+        return CachedClip(request.clip_key, *found) if found is not None else None
 
-    async def replay(self, request: Request, outbox: Outbox) -> None:
+    async def replay(self, clip: CachedClip, outbox: Outbox) -> None:
         """Stream a stored clip: ``stream``, its segments, ``done``. No rendering, no slot."""
-        assert request.clip_key is not None
-        path = self.clips.path(request.clip_key)
-        frames = await send_cached_clip(path, outbox, self.settings.limits.max_message_bytes)
+        frames = await send_cached_clip(clip.data, clip.meta, outbox, self.settings.limits.max_message_bytes)
         self.metrics.clips_served.inc()
-        outbox.send(done_message(frames, self.clips.url(request.clip_key)))
+        outbox.send(done_message(frames, self.clips.url(clip.key)))
 
     # ----- a granted request -----
 
@@ -99,7 +109,7 @@ class Serving:
             status = RequestStatus.MEDIA_LOST
         elif status is RequestStatus.ENGINE_FAILED:
             log.error("engine failed for %s: %r", request.ticket_id, result.error)
-        elif status is RequestStatus.FINISHED and result.clip_path is None:
+        elif status is RequestStatus.FINISHED and result.clip_key is None:
             request.clip_key = None
         clip = self.clips.url(request.clip_key) if request.clip_key else None
         return self._finish(outbox, status, frames=result.frames, clip=clip, detail=repr(result.error))
@@ -143,7 +153,9 @@ class Serving:
                     ready,
                     self.settings.stream,
                     total_frames=lambda: request.frames_total,
-                    open_clip=lambda: self.clips.writer(request.clip_key) if request.clip_key else None,
+                    open_clip=lambda: (
+                        self.clips.writer(request.clip_key, request.start.avatar) if request.clip_key else None
+                    ),
                     on_frames=self.metrics.frames.inc,
                     first_segment=lambda: setattr(request, "media_started", True),
                 )

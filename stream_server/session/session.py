@@ -17,7 +17,7 @@ from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull
 from stream_server.admission.store import Grant
-from stream_server.audio_input import AudioInput
+from stream_server.audio_input import AudioInput, Pcm
 from stream_server.auth import Authenticator, Identity
 from stream_server.dispatcher import Dispatcher
 from stream_server.outbox import Outbox
@@ -42,9 +42,10 @@ from stream_server.protocol import (
 from stream_server.ratelimit import RateLimiter
 from stream_server.session.owner import RequestOwner
 from stream_server.session.request import FINISHED_ERRORS, Request, RequestStatus
-from stream_server.session.serving import Serving
+from stream_server.session.serving import CachedClip, Serving
 from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
+from stream_server.templates import Template, TemplateLibrary
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SessionServices:
     dispatcher: Dispatcher[RequestOwner]
     serving: Serving
     start_limiter: RateLimiter
+    templates: TemplateLibrary
 
 
 class Session:
@@ -105,6 +107,8 @@ class Session:
         self.machine.check(Event.AUDIO)
         request = self.request
         assert request is not None
+        if request.start.template is not None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a template request takes no audio: the template is its audio")
         try:
             pcm = await request.audio.add(data)
         except ProtocolError:
@@ -171,8 +175,11 @@ class Session:
         avatar = await asyncio.to_thread(services.engine.avatars.info, message.avatar)
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
+        template = self._template(message)
         spec = message.audio
-        if spec is None:
+        if template is not None:
+            spec = AudioSpec(format=template.format)  # type: ignore[arg-type]
+        elif spec is None:
             if message.mode == "clip":
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
             spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
@@ -185,10 +192,21 @@ class Session:
         )
         self._requests += 1
         request = Request(f"{self.id}:{self._requests}", message, audio)
+        hot = services.engine.hot.record(message.avatar) > services.engine.hot.hot_after
+        template_pcm: Pcm | None = None
+        if template is not None:
+            await audio.add(await asyncio.to_thread(template.read_audio))
+            template_pcm = await audio.end()
+            request.frames_total = len(template_pcm[0]) // FEATURE_SAMPLES_PER_FRAME
+            cached = await services.serving.find_cached(request)
+            if cached is not None:  # rendered before: answered now, never queued
+                await services.serving.replay(cached, self.outbox)
+                return
         owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant)
         try:
             await services.admission.join(
-                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner
+                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner,
+                hot=hot,
             )
         except QueueFull as exc:
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
@@ -196,6 +214,21 @@ class Session:
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
+        if template_pcm is not None:
+            request.deliver(template_pcm)
+            request.deliver(None)
+
+    def _template(self, message: Start) -> Template | None:
+        """The template a ``start`` names (clip mode, no audio of its own), or ``None``."""
+        if message.template is None:
+            return None
+        if message.mode != "clip" or message.audio is not None:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a template is a clip with no audio of its own")
+        template = self.services.templates.get(message.template)
+        if template is None:
+            known = ", ".join(self.services.templates.ids()) or "none"
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: no template {message.template!r} (known: {known})")
+        return template
 
     async def _audio_end(self) -> None:
         self.machine.check(Event.AUDIO_END)
@@ -216,13 +249,14 @@ class Session:
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
-            if await self.services.serving.find_cached(request) and request is self.request:
-                await self._replay(request)
+            cached = await self.services.serving.find_cached(request)
+            if cached is not None and request is self.request:
+                await self._replay(request, cached)
                 return
         request.deliver(pcm)
         request.deliver(None)
 
-    async def _replay(self, request: Request) -> None:
+    async def _replay(self, request: Request, clip: CachedClip) -> None:
         """The same clip was made before: give back the queue place or the slot (nothing has been
         sent for this request yet) and stream it from the store."""
         self.request = None
@@ -232,7 +266,7 @@ class Session:
             await self.services.admission.leave(request.ticket_id)
         elif request.task is not None:
             await self._stop_serving(request)
-        await self.services.serving.replay(request, self.outbox)
+        await self.services.serving.replay(clip, self.outbox)
         request.status = RequestStatus.FINISHED
 
     def _offer(self, message: WebrtcOffer) -> None:
