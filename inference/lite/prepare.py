@@ -87,7 +87,7 @@ def read_source(path: Path, params: PrepareParams) -> tuple[list[np.ndarray], st
         return [frame], "image", 0.0, _scale(image.shape, params.max_size)
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
-        raise PreparationError(f"not a video or image: {path.name} cannot be decoded as either")
+        raise PreparationError("not a video or image: it cannot be decoded as either")
     try:
         fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         scale = 1.0
@@ -113,7 +113,7 @@ def read_source(path: Path, params: PrepareParams) -> tuple[list[np.ndarray], st
     finally:
         capture.release()
     if not frames:
-        raise PreparationError(f"{path.name}: no frame could be decoded")
+        raise PreparationError("not a video or image: no frame of it could be decoded")
     shapes = {f.shape for f in frames}
     if len(shapes) > 1:  # a stream that changes size midway: conform to the first frame
         h, w = frames[0].shape[:2]
