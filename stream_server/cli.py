@@ -80,6 +80,25 @@ def _client(args: argparse.Namespace) -> int:
     return run_client(args)
 
 
+def _pregen(args: argparse.Namespace) -> int:
+    """Render templates for an avatar into the server's clip store, through the server."""
+    from stream_server.auth import Authenticator
+    from stream_server.client import run_pregen
+    from stream_server.templates import TemplateLibrary
+
+    settings = Settings()
+    library = TemplateLibrary.load(Path(settings.templates.file) if settings.templates.file else None)
+    templates = args.template or library.ids()
+    unknown = [t for t in templates if library.get(t) is None]
+    if unknown:
+        print(f"unknown template(s) {', '.join(unknown)}; the library has {', '.join(library.ids())}", file=sys.stderr)
+        return 2
+    if args.token is None:
+        auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
+        args.token = auth.mint("pregen", "low", ttl_s=3600)
+    return run_pregen(args, templates)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musetalk-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -108,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--server", default="http://127.0.0.1:8000")
     client.add_argument("--token", default=None)
     client.set_defaults(func=_client)
+    pregen = sub.add_parser("pregen", help="render template phrases for an avatar into the clip store")
+    pregen.add_argument("--avatar", required=True)
+    pregen.add_argument("--template", action="append", default=None,
+                        help="a template id (repeatable; default: every template in templates.file)")
+    pregen.add_argument("--server", default="http://127.0.0.1:8000")
+    pregen.add_argument("--token", default=None, help="default: a low-tier token minted from the configured secret")
+    pregen.set_defaults(func=_pregen)
     return parser
 
 

@@ -137,3 +137,41 @@ def run_client(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}" + (f" (also at {args.server.rstrip('/')}{done['clip']})" if done.get("clip") else ""),
           file=sys.stderr)
     return 0
+
+
+async def render_template(url: str, avatar: str, template: str, token: str | None) -> dict[str, Any]:
+    """Have the server say ``template`` with ``avatar`` once (the clip lands in its store; the
+    media is not kept here); the ``done`` message."""
+    async with websockets.connect(url, max_size=None) as ws:
+        hello: dict[str, Any] = {"type": "hello"}
+        if token:
+            hello["token"] = token
+        await ws.send(json.dumps(hello))
+        await ws.send(json.dumps({"type": "start", "avatar": avatar, "mode": "clip", "transport": "mse",
+                                  "template": template}))
+        async for raw in ws:
+            if isinstance(raw, bytes):
+                continue
+            msg = json.loads(raw)
+            if msg["type"] == "done":
+                return dict(msg)
+            if msg["type"] == "error":
+                raise ClientError(f"{template}: {msg['code']}: {msg['message']}")
+    raise ClientError(f"{template}: the server closed the connection before the clip was done")
+
+
+def run_pregen(args: argparse.Namespace, templates: list[str]) -> int:
+    """``musetalk-stream pregen``: render each template for the avatar into the server's clip
+    store, one after another (each waits in line like any clip; a rendered one returns at once)."""
+    display = Display(sys.stderr)
+    url = socket_url(args.server)
+    for template in templates:
+        started = time.monotonic()
+        try:
+            done = asyncio.run(render_template(url, args.avatar, template, args.token))
+        except (ClientError, OSError, websockets.WebSocketException) as exc:
+            display.end(f"error: {exc}")
+            return 1
+        display.end(f"{args.avatar}/{template}: {done['frames']} frames, {done['clip']} "
+                    f"({time.monotonic() - started:.1f} s)")
+    return 0
