@@ -46,9 +46,8 @@ def test_the_boost_is_bounded_and_never_passes_a_higher_tier(
     waits: list[float], boost: float, joined: float, later: float, data: st.DataObject
 ) -> None:
     names = [f"t{i}" for i in range(len(waits))]
-    policy = AdmissionPolicy(
-        QueueSettings(hot_boost_s=boost, tiers={n: TierSettings(max_wait_s=w) for n, w in zip(names, waits, strict=True)})
-    )
+    tiers = {n: TierSettings(max_wait_s=w) for n, w in zip(names, waits, strict=True)}
+    policy = AdmissionPolicy(QueueSettings(hot_boost_s=boost, tiers=tiers))
     low = data.draw(st.integers(min_value=0, max_value=len(names) - 1))
     plain = policy.order_key(names[low], joined)
     boosted = policy.order_key(names[low], joined, hot=True)

@@ -19,7 +19,8 @@ LIVE = {"avatar": "astronaut", "mode": "live", "transport": "mse", "audio": {"fo
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    with run_server(tmp_path_factory.mktemp("templates"), MTS_ENGINE__SLOTS="1", MTS_LIMITS__START_BURST="50") as running:
+    folder = tmp_path_factory.mktemp("templates")
+    with run_server(folder, MTS_ENGINE__SLOTS="1", MTS_LIMITS__START_BURST="50") as running:
         yield running
 
 
