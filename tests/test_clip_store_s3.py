@@ -76,7 +76,9 @@ def put(store: ClipStore, key: str, avatar: str, size: int) -> None:
     writer.commit({"frames": 1, "mime": "video/mp4", "width": 2, "height": 2})
 
 
-def test_clips_round_trip_and_an_avatar_takes_only_its_own(s3_endpoint: str, credentials: object, tmp_path: Path) -> None:
+def test_clips_round_trip_and_an_avatar_takes_only_its_own(
+    s3_endpoint: str, credentials: object, tmp_path: Path
+) -> None:
     store = store_on(s3_endpoint, "round-trip", tmp_path)
     a, b = clip_key(n="a"), clip_key(n="b")
     writer = store.writer(a, "anna")
