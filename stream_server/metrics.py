@@ -58,6 +58,13 @@ class Metrics:
             buckets=WAIT_BUCKETS, registry=r,
         )
         self.clips_served = Counter("mts_clips_served_total", "Clips served over HTTP or from the cache", registry=r)
+        self.pregen_clips = Counter(
+            "mts_pregen_clips_total", "Template clips pre-generated in the background", registry=r
+        )
+        self.pregen_yields = Counter(
+            "mts_pregen_yields_total", "Background pre-generations stopped for a user", registry=r
+        )
+        self.pregen_active = Gauge("mts_pregen_active", "1 while a background pre-generation renders", registry=r)
         self.position_pushes = Counter("mts_position_pushes_total", "queued messages sent", registry=r)
 
     def watch_avatar_caches(self, stats: Callable[[], Mapping[str, CacheStats]]) -> None:

@@ -21,6 +21,7 @@ from stream_server.dispatcher import Dispatcher
 from stream_server.loop_lag import LoopLagMonitor
 from stream_server.metrics import Metrics
 from stream_server.outbox import Outbox
+from stream_server.pregen import BackgroundPregen
 from stream_server.ratelimit import RateLimiter
 from stream_server.session.owner import RequestOwner
 from stream_server.session.serving import Serving
@@ -48,6 +49,10 @@ def engine_config(settings: Settings) -> EngineConfig:
         hot_after_uses=settings.avatars.hot_after_uses,
         hot_window_s=settings.avatars.hot_window_s,
     )
+
+
+def _no_background_work() -> None:
+    """``templates.pregen_top_k = 0``: nothing runs in the background to yield."""
 
 
 def clip_store(settings: Settings) -> ClipStore:
@@ -108,15 +113,22 @@ class Node:
         if self.settings.engine.slots == 0:
             await self._calibrate_slots(default.id)
         engine.start()
+        serving = Serving(self.settings, engine, self.clips, self.metrics)
+        pregen = None
+        if self.settings.templates.pregen_top_k > 0:
+            pregen = BackgroundPregen(
+                self.settings, engine, self.clips, self.templates, self.admission, serving, self.metrics
+            )
         self._services = SessionServices(
             settings=self.settings,
             auth=self.auth,
             engine=engine,
             admission=self.admission,
             dispatcher=self.dispatcher,
-            serving=Serving(self.settings, engine, self.clips, self.metrics),
+            serving=serving,
             start_limiter=self.start_limiter,
             templates=self.templates,
+            yield_background=pregen.yield_to_users if pregen is not None else _no_background_work,
         )
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.
@@ -127,6 +139,8 @@ class Node:
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
         ]
+        if pregen is not None:
+            self._tasks.append(asyncio.create_task(pregen.run(), name="pregen"))
         self.ready = True
 
     async def stop(self) -> None:

@@ -58,23 +58,30 @@ class Serving:
 
     # ----- the clip cache -----
 
-    async def find_cached(self, request: Request) -> CachedClip | None:
-        """Key a complete MSE clip for the cache; the stored clip if the same was made before."""
-        if request.start.transport != "mse":
-            return None
-        revision = await asyncio.to_thread(self.engine.avatars.revision, request.start.avatar)
+    async def clip_key_for(self, avatar_id: str, audio_digest: str, audio_spec: dict[str, Any]) -> str:
+        """The content address of a clip: the engine and its model version, the avatar and its
+        revision, the audio's hash and format, and every output setting that shapes the bytes."""
+        revision = await asyncio.to_thread(self.engine.avatars.revision, avatar_id)
         stream = self.settings.stream
-        request.clip_key = clip_key(
+        return clip_key(
             engine=self.engine.name,
             engine_version=self.engine.version,
-            avatar=request.start.avatar,
+            avatar=avatar_id,
             avatar_revision=revision,
-            audio=request.audio.digest,
-            audio_spec=request.audio.spec.model_dump(),
+            audio=audio_digest,
+            audio_spec=audio_spec,
             segment_s=stream.segment_s,
             crf=stream.video_crf,
             preset=stream.x264_preset,
             audio_bitrate=stream.audio_bitrate,
+        )
+
+    async def find_cached(self, request: Request) -> CachedClip | None:
+        """Key a complete MSE clip for the cache; the stored clip if the same was made before."""
+        if request.start.transport != "mse":
+            return None
+        request.clip_key = await self.clip_key_for(
+            request.start.avatar, request.audio.digest, request.audio.spec.model_dump()
         )
         if request.media_started:
             return None

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
@@ -60,6 +61,8 @@ class SessionServices:
     serving: Serving
     start_limiter: RateLimiter
     templates: TemplateLibrary
+    yield_background: Callable[[], None]
+    """Stop background work (pre-generation) before a user's ticket joins."""
 
 
 class Session:
@@ -203,6 +206,7 @@ class Session:
                 await services.serving.replay(cached, self.outbox)
                 return
         owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant)
+        services.yield_background()
         try:
             await services.admission.join(
                 request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner,
