@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.dwpose.pose import WholeBodyPose
+from inference.dwpose.pose import Keypoints
 from inference.face import FaceBox
 from inference.face import FaceDetector as SharedFaceDetector
 from inference.face_features import PROPORTION_CHIN, PROPORTION_NOSE, face_features, landmark_box
@@ -154,9 +154,11 @@ class LandmarkFaceDetector:
     Where the landmark box is degenerate the fallback detector's box is used, as MuseTalk uses its
     face detector's."""
 
+    method = "landmarks"
+
     def __init__(
         self,
-        pose: WholeBodyPose,
+        pose: Callable[[np.ndarray], Keypoints],
         fallback: HaarFaceDetector | None = None,
         *,
         extra_margin: int = EXTRA_MARGIN,
