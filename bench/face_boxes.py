@@ -12,9 +12,9 @@ forbids commercial use, so they serve this benchmark only and nothing else impor
   eyes and lips).
 
 Faces: frames of ``../shared/assets/yongen.mp4`` sampled evenly (tracked from frame to frame as
-preparation does) and the shipped astronaut. Prints IoU with the reference, and width, height and
-aspect as ratios to the reference's; writes side-by-side 256 x 256 crops (reference | proportions
-| fallback) as PNG files.
+preparation does) and the shipped astronaut. Prints IoU with the reference, width, height and
+aspect as ratios to the reference's, and the distance between the boxes' centres; writes
+side-by-side 256 x 256 crops (reference | proportions | fallback) as PNG files.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def write_crops(sample: Sample, folder: Path) -> Path:
 
 
 def summarise(rows: list[Sample], label: str) -> dict[str, float]:
-    ious, widths, heights, aspects = [], [], [], []
+    ious, widths, heights, aspects, offsets = [], [], [], [], []
     for s in rows:
         found = s.boxes[label]
         if found is None:
@@ -162,12 +162,14 @@ def summarise(rows: list[Sample], label: str) -> dict[str, float]:
         widths.append((b[2] - b[0]) / (r[2] - r[0]))
         heights.append((b[3] - b[1]) / (r[3] - r[1]))
         aspects.append(((b[2] - b[0]) / (b[3] - b[1])) / ((r[2] - r[0]) / (r[3] - r[1])))
+        offsets.append(float(np.hypot((b[0] + b[2] - r[0] - r[2]) / 2, (b[1] + b[3] - r[1] - r[3]) / 2)))
     return {
         "iou_mean": float(np.mean(ious)),
         "iou_min": float(np.min(ious)),
         "width": float(np.mean(widths)) if widths else float("nan"),
         "height": float(np.mean(heights)) if heights else float("nan"),
         "aspect": float(np.mean(aspects)) if aspects else float("nan"),
+        "offset": float(np.mean(offsets)) if offsets else float("nan"),
         "missed": float(sum(s.boxes[label] is None for s in rows)),
     }
 
@@ -185,13 +187,13 @@ def main() -> None:
     for group in sorted({s.name.split("-")[0] for s in rows}):
         subset = [s for s in rows if s.name.startswith(group)]
         print(f"\n{group}: {len(subset)} faces")
-        print("| box | IoU mean | IoU min | width / ref | height / ref | aspect / ref | no face |")
-        print("|---|---|---|---|---|---|---|")
+        print("| box | IoU mean | IoU min | width / ref | height / ref | aspect / ref | centre off (px) | no face |")
+        print("|---|---|---|---|---|---|---|---|")
         for label in subset[0].boxes:
             m = summarise(subset, label)
             print(
                 f"| {label} | {m['iou_mean']:.3f} | {m['iou_min']:.3f} | {m['width']:.3f} | "
-                f"{m['height']:.3f} | {m['aspect']:.3f} | {int(m['missed'])} |"
+                f"{m['height']:.3f} | {m['aspect']:.3f} | {m['offset']:.1f} | {int(m['missed'])} |"
             )
         methods = [f.method for f in (s.boxes["fallback"] for s in subset) if f is not None]
         print("fallback methods: " + ", ".join(f"{m} {methods.count(m)}" for m in sorted(set(methods))))
