@@ -174,17 +174,39 @@ class WholeBodyPose:
         return torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device)
 
     @torch.inference_mode()
-    def simcc(self, image: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """SimCC x and y vectors of one input image, averaged with its mirror image's if flip-testing."""
-        pred_x, pred_y = self.model(image.float())
+    def simcc(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """SimCC x and y vectors of ``[B, 3, H, W]`` inputs, averaged with their mirror images' if
+        flip-testing (both passes in one batch)."""
+        n = len(images)
+        batch = torch.cat([images, images.flip(-1)]) if self.flip_test else images
+        pred_x, pred_y = self.model(batch.float())
         if self.flip_test:
-            flip_x, flip_y = self.model(image.flip(-1).float())
-            pred_x = (pred_x + flip_x[:, self.flips].flip(-1)) * 0.5
-            pred_y = (pred_y + flip_y[:, self.flips]) * 0.5
-        return pred_x[0].cpu().numpy(), pred_y[0].cpu().numpy()
+            pred_x = (pred_x[:n] + pred_x[n:, self.flips].flip(-1)) * 0.5
+            pred_y = (pred_y[:n] + pred_y[n:, self.flips]) * 0.5
+        return pred_x.cpu().numpy(), pred_y.cpu().numpy()
 
     def __call__(self, rgb: np.ndarray, box: tuple[float, float, float, float] | None = None) -> Keypoints:
-        h, w = rgb.shape[:2]
-        crop = CropBox.around(box or (0.0, 0.0, float(w), float(h)), self.config.input_size)
-        locs, scores = decode_simcc(*self.simcc(self.input_image(rgb, crop)), self.config.split_ratio)
-        return Keypoints(crop.to_frame(locs, self.config.input_size).astype(np.float32), scores.astype(np.float32))
+        return self.many([rgb], [box])[0]
+
+    def many(
+        self,
+        frames: list[np.ndarray],
+        boxes: list[tuple[float, float, float, float] | None] | None = None,
+        batch: int = 8,
+    ) -> list[Keypoints]:
+        """Keypoints of each frame (in the person box given for it, by default the whole frame),
+        ``batch`` frames a pass."""
+        size = self.config.input_size
+        crops = []
+        for rgb, box in zip(frames, boxes or [None] * len(frames), strict=True):
+            h, w = rgb.shape[:2]
+            crops.append(CropBox.around(box or (0.0, 0.0, float(w), float(h)), size))
+        out: list[Keypoints] = []
+        for start in range(0, len(frames), batch):
+            chunk = range(start, min(start + batch, len(frames)))
+            images = torch.cat([self.input_image(frames[i], crops[i]) for i in chunk])
+            simcc_x, simcc_y = self.simcc(images)
+            for k, i in enumerate(chunk):
+                locs, scores = decode_simcc(simcc_x[k], simcc_y[k], self.config.split_ratio)
+                out.append(Keypoints(crops[i].to_frame(locs, size).astype(np.float32), scores.astype(np.float32)))
+        return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -49,6 +50,12 @@ MIN_FACE_SCORE = 0.3  # DWPose's usual threshold for a visible keypoint
 METHODS = ("landmarks", "features", "proportions", "given")
 """How a face box was found: DWPose landmarks, the offline estimate from eyes and lips, the Haar
 box's fixed proportions, or a caller's detector."""
+
+
+class PoseEstimator(Protocol):
+    """What the landmark detector needs of DWPose (``inference.dwpose.WholeBodyPose``)."""
+
+    def many(self, frames: list[np.ndarray]) -> list[Keypoints]: ...
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,7 @@ class LandmarkFaceDetector:
 
     def __init__(
         self,
-        pose: Callable[[np.ndarray], Keypoints],
+        pose: PoseEstimator,
         fallback: HaarFaceDetector | None = None,
         *,
         extra_margin: int = EXTRA_MARGIN,
@@ -170,7 +177,10 @@ class LandmarkFaceDetector:
         self.min_score = min_score
 
     def find_face(self, rgb: np.ndarray) -> FoundFace | None:
-        keypoints = self.pose(rgb)
+        return self.face_from(rgb, self.pose.many([rgb])[0])
+
+    def face_from(self, rgb: np.ndarray, keypoints: Keypoints) -> FoundFace | None:
+        """The face box of ``rgb`` from its keypoints (``None``: no face)."""
         if float(keypoints.face_scores.mean()) < self.min_score:
             return None
         box = box_from_landmarks(keypoints.face)
@@ -187,7 +197,8 @@ class LandmarkFaceDetector:
         return found.box if found is not None else None
 
     def find_faces(self, frames: Sequence[np.ndarray]) -> list[FoundFace | None]:
-        return [self.find_face(rgb) for rgb in frames]
+        keypoints = self.pose.many(list(frames))
+        return [self.face_from(rgb, k) for rgb, k in zip(frames, keypoints, strict=True)]
 
 
 def find_faces(frames: Sequence[np.ndarray], detector: FaceDetector) -> list[FoundFace | None]:

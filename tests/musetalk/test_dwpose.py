@@ -112,6 +112,10 @@ def test_whole_pipeline_on_a_frame(checkpoint: Path) -> None:
     mirrored = pose(np.ascontiguousarray(rgb[:, ::-1]))
     flips = flip_indices()
     assert np.allclose(mirrored.scores, keypoints.scores[flips], atol=1e-4)
+    # frames in one batch give what they give one by one
+    both = pose.many([rgb, np.ascontiguousarray(rgb[:, ::-1])], batch=2)
+    assert np.allclose(both[0].scores, keypoints.scores, atol=1e-4)
+    assert np.allclose(both[1].scores, mirrored.scores, atol=1e-4)
     detector = LandmarkFaceDetector(pose, min_score=-np.inf)
     found = find_faces([rgb], detector)[0]
     rule = box_from_landmarks(keypoints.face)

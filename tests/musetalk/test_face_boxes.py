@@ -70,8 +70,8 @@ class FixedPose:
         self.points[23:91] = face
         self.scores = np.full(133, score, np.float32)
 
-    def __call__(self, rgb: np.ndarray) -> Keypoints:
-        return Keypoints(self.points, self.scores)
+    def many(self, frames: list[np.ndarray]) -> list[Keypoints]:
+        return [Keypoints(self.points, self.scores) for _ in frames]
 
 
 def test_landmark_detector_uses_the_rule_then_musetalks_fallback() -> None:
