@@ -17,7 +17,7 @@ Detectors (each ``find_faces(frames) -> list[FoundFace | None]``):
 - ``FeatureFaceDetector``: the offline fallback when DWPose's weights are absent: the shared Haar
   detector, then the box re-anchored at the lips found in it (``inference.face_features``);
 - ``HaarFaceDetector``: the Haar box with fixed proportions (what the project used before; kept
-  for the benchmark's before/after and as the fallback's last resort).
+  for the benchmark's before/after; the fallback uses these proportions where it finds no lips).
 
 Any callable ``rgb -> (x1, y1, x2, y2) | None`` can be given instead (``FoundFace.method == "given"``).
 """
@@ -48,7 +48,7 @@ EXTRA_MARGIN = 10
 MIN_FACE_SCORE = 0.3  # DWPose's usual threshold for a visible keypoint
 
 METHODS = ("landmarks", "features", "proportions", "given")
-"""How a face box was found: DWPose landmarks, the offline estimate from eyes and lips, the Haar
+"""How a face box was found: DWPose landmarks, the offline estimate from the lips and chin, the Haar
 box's fixed proportions, or a caller's detector."""
 
 
