@@ -14,6 +14,7 @@ a 4.x version).
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,26 @@ INSTALL_HINT = "install opencv-python-headless<5 (the version this project pins)
 
 FaceBox = tuple[float, float, float, float]
 """A face box: x, y, width, height in pixels."""
+
+
+@dataclass(frozen=True)
+class FaceReport:
+    """How faces were found over an avatar's frames, for the avatar's metadata and its job.
+
+    ``no_face``: frames where no face was found; they keep their place (frames, latents and
+    geometry stay index for index) and take a neighbouring frame's box, or are shown unchanged.
+    ``fallback``: frames whose face box (or, for the lite engine, mouth) came from a fallback rather
+    than the engine's main method. ``method``: the main method (``"landmarks"`` for DWPose,
+    ``"features"`` for the offline estimate, ``"proportions"`` for the Haar box, ``"given"``).
+    """
+
+    frames: int
+    no_face: int
+    fallback: int
+    method: str
+
+    def to_json(self) -> dict[str, int | str]:
+        return asdict(self)
 
 
 class FaceDetectorUnavailable(RuntimeError):
@@ -49,8 +70,7 @@ def cascade_file(name: str) -> Path:
     path = Path(folder) / name if folder else None
     if path is None or not path.is_file():
         raise FaceDetectorUnavailable(
-            f"OpenCV {cv2.__version__} does not ship the Haar cascade {name} in "
-            f"cv2.data.haarcascades: {INSTALL_HINT}"
+            f"OpenCV {cv2.__version__} does not ship the Haar cascade {name} in cv2.data.haarcascades: {INSTALL_HINT}"
         )
     return path
 

@@ -2,7 +2,8 @@
 
 On disk, in one folder per avatar (only safe formats, nothing unpickled)::
 
-    avatar.json    metadata: id, name, size, frame count, preparation version hash, source kind
+    avatar.json    metadata: id, name, size, frame count, preparation version hash, source kind,
+                   ``faces`` (``inference.face.FaceReport``: frames with no face or a fallback mouth)
     geometry.npz   float32 arrays ``face`` (N x 4) and ``mouth`` (N x 3), bool ``detected`` (N),
                    read with ``allow_pickle=False``
     frames/000000.png ...  the N frames (RGB, lossless)
@@ -23,6 +24,7 @@ import cv2
 import numpy as np
 
 from inference.engine import AvatarInfo, PreparedAvatar
+from inference.face import FaceReport
 from inference.lite.prepare import FORMAT_VERSION, Prepared, PrepareParams
 from inference.lite.rig import MouthRig
 
@@ -72,6 +74,12 @@ class LiteAvatar(PreparedAvatar):
     @property
     def cycle_length(self) -> int:
         return self._cycle
+
+    @property
+    def face_report(self) -> FaceReport | None:
+        """How the faces were found (``None`` for an avatar prepared before this was kept)."""
+        faces = self.meta.get("faces")
+        return FaceReport(**faces) if isinstance(faces, dict) else None
 
     @property
     def frame_count(self) -> int:
@@ -133,6 +141,7 @@ def save_avatar(
         },
         "source": {"kind": prepared.source_kind, "fps": prepared.source_fps},
         "faces_detected": int(prepared.detected.sum()),
+        "faces": prepared.faces.to_json(),
         "created_at": time.time(),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))

@@ -1,6 +1,7 @@
 """A prepared MuseTalk avatar, and how it is stored on disk.
 
-On disk (``<folder>/``): ``avatar.json`` (boxes, which frames have a face, the preparation hash),
+On disk (``<folder>/``): ``avatar.json`` (boxes, which frames have a face, how the faces were found
+(``faces``: frames with no face or a fallback box), the preparation hash),
 ``latents.safetensors`` ([N, 8, 32, 32]: masked then reference latent per source frame),
 ``masks.npz`` (one uint8 blending weight per face frame, loaded with ``allow_pickle=False``) and
 ``frames/NNNNN.png``. Frames without a face keep their place (zero latents, no mask) so indices of
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from inference.engine import AvatarInfo, PreparedAvatar
+from inference.face import FaceReport
 from inference.musetalk.face import Box
 
 FORMAT = 1
@@ -41,6 +43,7 @@ class AvatarData:
     boxes: list[Box | None]
     alphas: list[np.ndarray | None]  # blending weight over each face box, float32 [h, w]
     mask_kind: str  # "parsing" or "geometric"
+    faces: FaceReport | None = None  # how the faces were found (None: prepared before this was kept)
 
 
 class MuseTalkAvatar(PreparedAvatar):
@@ -56,6 +59,7 @@ class MuseTalkAvatar(PreparedAvatar):
         self.source_frames = n
         self.info = AvatarInfo(id=avatar_id, name=name, frames=n, width=w, height=h, ready=True)
         self.has_face = np.array([b is not None for b in data.boxes], dtype=bool)
+        self.face_report = data.faces
         self.alphas = [a[..., None] if a is not None else None for a in data.alphas]
         self._latents: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -126,6 +130,7 @@ def save_avatar(folder: Path, avatar: MuseTalkAvatar) -> None:
         "height": avatar.info.height,
         "boxes": [list(b) if b is not None else None for b in data.boxes],
         "mask_kind": data.mask_kind,
+        "faces": data.faces.to_json() if data.faces is not None else None,
     }
     (folder / META_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -171,6 +176,7 @@ def load_avatar(folder: Path, version: str) -> MuseTalkAvatar | None:
             boxes=boxes,
             alphas=alphas,
             mask_kind=meta["mask_kind"],
+            faces=FaceReport(**meta["faces"]) if meta.get("faces") else None,
         )
         if latents.shape[0] != n or len(boxes) != n:
             raise ValueError("latents or boxes do not match the frames")

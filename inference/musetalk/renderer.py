@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -13,6 +14,8 @@ import torch
 
 from inference.avatars.jobs import Progress
 from inference.avatars.layout import FaceBox
+from inference.dwpose import WEIGHTS as DWPOSE_WEIGHTS
+from inference.dwpose import WholeBodyPose
 from inference.engine import FrameRequest, PreparedAvatar, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
 from inference.musetalk.avatar import AVATAR_FILES, MuseTalkAvatar, load_avatar, recorded_version, save_avatar
@@ -21,7 +24,8 @@ from inference.musetalk.face import (
     EXTRA_MARGIN,
     Box,
     FaceDetector,
-    HaarFaceDetector,
+    FeatureFaceDetector,
+    LandmarkFaceDetector,
     box_from_detection,
 )
 from inference.musetalk.featurizer import WhisperFeaturizer
@@ -29,9 +33,12 @@ from inference.musetalk.masks import CHEEK_WIDTH, EXPAND, UPPER_BOUNDARY, FacePa
 from inference.musetalk.models import MuseTalkModels, load_models
 from inference.musetalk.prepare import prepare, read_frames
 
-# 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules
-PREPARATION_VERSION = "musetalk-v15-prep-3"
+# 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules;
+# 4: landmark boxes (DWPose) or the lip- and chin-anchored estimate
+PREPARATION_VERSION = "musetalk-v15-prep-4"
 DECODERS = ("sd-vae", "taesd")
+
+log = logging.getLogger(__name__)
 
 
 class MuseTalkRenderer(Renderer):
@@ -43,7 +50,8 @@ class MuseTalkRenderer(Renderer):
 
     Avatar preparation follows the loaded version's rules: v1.5 puts ``EXTRA_MARGIN`` (10 px) below
     the chin and blends with "jaw" masks; v1 (``models.version == "v1"``) has no margin and "raw"
-    masks.
+    masks. Face boxes come from DWPose's landmarks when ``dwpose/dw-ll_ucoco_384.pth`` is in the
+    models folder (as in MuseTalk's download), else from the offline estimate (logged once).
 
     ``avatar_root`` is the store's root, for the id-based ``Renderer.prepare_avatar``/``load_avatar``.
     """
@@ -104,6 +112,7 @@ class MuseTalkRenderer(Renderer):
         vae = cast(Mapping[str, Any], self.models.vae.config)
         key = {
             "prep": PREPARATION_VERSION,
+            "faces": self._face_method(),
             "margin": self.extra_margin,
             "seed": self.seed,
             "parsing": self.models.face_parser is not None,
@@ -121,9 +130,37 @@ class MuseTalkRenderer(Renderer):
 
     @property
     def detector(self) -> FaceDetector:
+        """The detector given, else DWPose's landmarks when its weights are there, else the offline
+        estimate."""
         if self._detector is None:
-            self._detector = HaarFaceDetector(extra_margin=self.extra_margin)
+            self._detector = self._default_detector()
         return self._detector
+
+    @property
+    def dwpose_weights(self) -> Path | None:
+        """DWPose's checkpoint in the models folder, if it is there."""
+        root = self.models.layout.root if self.models.layout is not None else None
+        weights = root / DWPOSE_WEIGHTS if root is not None else None
+        return weights if weights is not None and weights.is_file() else None
+
+    def _face_method(self) -> str:
+        """How faces will be found, without loading DWPose (for the preparation version)."""
+        if self._detector is not None:
+            return str(getattr(self._detector, "method", "given"))
+        return "landmarks" if self.dwpose_weights is not None else FeatureFaceDetector.method
+
+    def _default_detector(self) -> FaceDetector:
+        fallback = FeatureFaceDetector(extra_margin=self.extra_margin)
+        weights = self.dwpose_weights
+        if weights is None:
+            log.warning(
+                "DWPose's weights (%s) are not there: face boxes are estimated from a Haar face box, the "
+                "lips and the chin instead of MuseTalk's landmarks (see docs/benchmarks.md for how close)",
+                DWPOSE_WEIGHTS,
+            )
+            return fallback
+        pose = WholeBodyPose.from_file(weights, device=self.models.device)
+        return LandmarkFaceDetector(pose, fallback, extra_margin=self.extra_margin)
 
     def prepare_avatar_dir(
         self,
