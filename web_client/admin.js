@@ -1,4 +1,5 @@
 // The admin page: GET /v1/admin/stats with the admin token typed in the page (kept in memory only).
+import { MuseTalkClient } from "./embed.js";
 import { initialLang, lang, onLangChange, setLang, t } from "./i18n.js";
 
 const $ = (id) => document.getElementById(id);
@@ -51,6 +52,7 @@ async function load() {
   if (!token) {
     stop();
     $("stats-panel").hidden = true;
+    $("avatars-panel").hidden = true;
     message("error", "admin.needtoken");
     return;
   }
@@ -64,11 +66,74 @@ async function load() {
   if (!response.ok) {
     stop();
     $("stats-panel").hidden = true;
+    $("avatars-panel").hidden = true;
     const body = await response.json().catch(() => ({}));
     message("error", "admin.refused", response.status, body.message || response.statusText);
     return;
   }
   render(await response.json());
+  $("avatars-panel").hidden = false;
+  await loadAvatars();
+}
+
+// ----- avatars: upload (a job with progress), status, delete -----
+
+const sdk = () => new MuseTalkClient({ server: location.origin, token: $("token").value.trim() });
+
+function avatarStatus(a) {
+  if (a.status === "preparing") return t("admin.avatar.preparing", Math.round((a.progress || 0) * 100));
+  if (a.status === "failed") return t("admin.avatar.failed", a.reason || "");
+  return t("admin.avatar.ready");
+}
+
+async function loadAvatars() {
+  const client = sdk();
+  const listed = await client.avatars();
+  const views = await Promise.all(listed.map((a) => client.avatar(a.id).catch(() => null)));
+  $("avatars").replaceChildren(...views.filter(Boolean).map((a) => {
+    const row = document.createElement("tr");
+    row.dataset.avatar = a.id;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = t("admin.avatar.delete");
+    remove.disabled = a.status === "preparing";
+    remove.addEventListener("click", async () => {
+      try {
+        await client.deleteAvatar(a.id);
+      } catch (err) {
+        message("error", "admin.refused", err.code, err.message);
+      }
+      await loadAvatars();
+    });
+    const actions = document.createElement("td");
+    actions.append(remove);
+    row.append(cell(`${a.name} (${a.id})`), cell(avatarStatus(a), true), actions);
+    return row;
+  }));
+}
+
+async function upload(e) {
+  e.preventDefault();
+  const file = $("avatar-file").files[0];
+  const id = $("avatar-id").value.trim();
+  const bar = $("avatar-progress");
+  const text = $("avatar-job-text");
+  bar.hidden = false;
+  bar.value = 0;
+  text.textContent = t("admin.avatar.preparing", 0);
+  try {
+    const ready = await sdk().createAvatar(file, {
+      id, name: $("avatar-name").value.trim() || undefined,
+      onProgress: (a) => { bar.value = a.progress || 0; text.textContent = avatarStatus(a); loadAvatars(); },
+    });
+    bar.value = 1;
+    text.textContent = avatarStatus(ready);
+  } catch (err) {
+    bar.hidden = true;
+    text.textContent = err.code === "avatar_failed" ? t("admin.avatar.failed", err.detail?.reason || err.message)
+      : t("admin.refused", err.code, err.message);
+  }
+  await loadAvatars();
 }
 
 function stop() {
@@ -85,6 +150,7 @@ $("auth").addEventListener("submit", (e) => {
   e.preventDefault();
   load().then(() => { if (!$("stats-panel").hidden) schedule(); });
 });
+$("upload").addEventListener("submit", upload);
 $("auto").addEventListener("change", () => { if (!$("stats-panel").hidden) schedule(); });
 $("lang").addEventListener("click", () => setLang(lang() === "zh" ? "en" : "zh"));
 onLangChange(() => {

@@ -288,17 +288,28 @@ setInterval(() => {
 
 // ----- avatars -----
 
+// An avatar still being prepared is listed, disabled, with its job's progress (GET /v1/avatars/{id}),
+// and the list is read again until no preparation is left.
 async function loadAvatars() {
   const select = $("avatar");
+  const chosen = select.value;
   try {
-    const response = await fetch("/v1/avatars");
+    const response = await fetch("/v1/avatars", { cache: "no-store" });
     const avatars = await response.json();
-    select.replaceChildren(...avatars.map((a) => {
-      const option = new Option(`${a.name} (${a.id})`, a.id);
+    const jobs = await Promise.all(avatars.map((a) => a.ready ? null
+      : fetch(`/v1/avatars/${encodeURIComponent(a.id)}`, { cache: "no-store" }).then((r) => r.json()).catch(() => null)));
+    select.replaceChildren(...avatars.map((a, i) => {
+      const job = jobs[i];
+      let label = `${a.name} (${a.id})`;
+      if (job?.status === "preparing") label += ` — ${t("avatar.preparing", Math.round((job.progress || 0) * 100))}`;
+      else if (job?.status === "failed") label += ` — ${t("avatar.unusable", job.reason || "")}`;
+      const option = new Option(label, a.id);
       option.disabled = !a.ready;
       return option;
     }));
+    if (avatars.some((a) => a.id === chosen && a.ready)) select.value = chosen;
     if (!avatars.some((a) => a.ready)) select.replaceChildren(new Option(t("avatar.none"), ""));
+    if (jobs.some((j) => j?.status === "preparing")) setTimeout(loadAvatars, 1000);
   } catch {
     select.replaceChildren(new Option(t("avatar.failed"), ""));
   }

@@ -6,6 +6,8 @@
 //   client.addEventListener("queued", (e) => console.log(e.detail.position, e.detail.eta_s));
 //   await client.connect();
 //   const done = await client.speak(wavBlob, { avatar: "astronaut" });     // resolves on `done`
+//   await client.say("hello", { avatar: "astronaut" });       // a template phrase, from the store when rendered
+//   await client.createAvatar(file, { id: "ann", onProgress: (a) => console.log(a.progress) });  // admin token
 //
 // Widget:  <script type="module" src="https://host/embed.js"></script>
 //          <musetalk-avatar avatar="astronaut" server="https://host"></musetalk-avatar>
@@ -277,6 +279,56 @@ export class MuseTalkClient extends EventTarget {
     return response.json();
   }
 
+  /** GET /v1/avatars/{id}: `status` is "preparing" (with `progress`, 0 to 1), "ready" or "failed"
+   * (with a `reason` a person can act on). */
+  async avatar(id) {
+    const response = await fetch(new URL(`v1/avatars/${encodeURIComponent(id)}`, this.server), { cache: "no-store" });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new MuseTalkError(body.code || "http_" + response.status, body.message || response.statusText);
+    return body;
+  }
+
+  /**
+   * Admin (the client's token must carry the admin role): make avatar `id` from an image or video
+   * (Blob/File). Calls onProgress(avatar) while it is prepared; resolves with the ready avatar;
+   * rejects with MuseTalkError("avatar_failed", reason) when the preparation failed, or with the
+   * server's code when the upload was refused.
+   */
+  async createAvatar(file, { id, name, onProgress, pollMs = 500 } = {}) {
+    if (!id) throw new MuseTalkError("bad_message", "an avatar id is required");
+    const url = new URL("v1/avatars", this.server);
+    url.searchParams.set("id", id);
+    if (name) url.searchParams.set("name", name);
+    const response = await fetch(url, {
+      method: "POST", body: file,
+      headers: { "Content-Type": file.type || "application/octet-stream", ...this._authHeader() },
+    });
+    const body = await response.json().catch(() => ({}));
+    if (response.status !== 202) throw new MuseTalkError(body.code || "http_" + response.status, body.message || response.statusText);
+    onProgress?.({ id, name: body.name, status: "preparing", progress: body.job?.progress ?? 0, job: body.job });
+    for (;;) {
+      await new Promise((resolve) => setTimeout(resolve, pollMs));
+      const avatar = await this.avatar(id);
+      if (avatar.status === "ready") return avatar;
+      if (avatar.status === "failed") throw new MuseTalkError("avatar_failed", avatar.reason || "the preparation failed", avatar);
+      onProgress?.(avatar);
+    }
+  }
+
+  /** Admin: delete an avatar and every clip made with it. */
+  async deleteAvatar(id) {
+    const response = await fetch(new URL(`v1/avatars/${encodeURIComponent(id)}`, this.server), {
+      method: "DELETE", headers: this._authHeader(),
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new MuseTalkError(body.code || "http_" + response.status, body.message || response.statusText);
+    return body;
+  }
+
+  _authHeader() {
+    return this.token ? { Authorization: `Bearer ${this.token}` } : {};
+  }
+
   /** An absolute URL for a server path such as `done.clip`. */
   url(path) {
     return new URL(path.replace(/^\//, ""), this.server).href;
@@ -307,6 +359,14 @@ export class MuseTalkClient extends EventTarget {
       this._send({ type: "audio_end", id: request.ids.audioEnd });
       request.audioSent = true;
     }
+    return request.finished;
+  }
+
+  /** Say a template phrase (configs/templates.toml on the server) with `avatar`: a clip with no
+   * audio of its own, streamed from the clip store at once when rendered before. Resolves on `done`. */
+  async say(template, { avatar, transport } = {}) {
+    const request = await this._start({ avatar, mode: "clip", transport, template });
+    request.audioSent = true;
     return request.finished;
   }
 
@@ -357,7 +417,7 @@ export class MuseTalkClient extends EventTarget {
 
   // ----- internals -----
 
-  async _start({ avatar, mode, transport, audio }) {
+  async _start({ avatar, mode, transport, audio, template }) {
     if (!avatar) throw new MuseTalkError("bad_message", "an avatar id is required");
     if (this.request) throw new MuseTalkError("busy", "this client already has a request; cancel() it first");
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN || !this.welcome) await this.connect();
@@ -379,7 +439,9 @@ export class MuseTalkClient extends EventTarget {
     request.reject = (err) => { ackReject(err); grantedReject(err); finishedReject(err); };
     request.ack = ackResolve;
     this.request = request;
-    this._send({ type: "start", id: ids.start, avatar, mode, transport, ...(audio ? { audio } : {}) });
+    this._send({
+      type: "start", id: ids.start, avatar, mode, transport, ...(audio ? { audio } : {}), ...(template ? { template } : {}),
+    });
     // `start` has no reply of its own: the first `queued` or `granted` says it was taken.
     await ack;
     return request;
@@ -448,6 +510,7 @@ export class MuseTalkClient extends EventTarget {
         break;
       case "stream":
         if (request) {
+          request.ack(); // a stored template clip streams at once, with no queued or granted first
           request.phase = "streaming";
           this._setState("streaming");
         }

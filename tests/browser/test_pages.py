@@ -333,6 +333,38 @@ async def test_admin_page_needs_an_admin_token(server: RunningServer, page: Any)
     await page.wait_for_function("(text) => document.querySelector('#message').textContent !== text", arg=updated)
 
 
+async def test_admin_page_uploads_an_avatar_and_shows_its_job(
+    server: RunningServer, page: Any, tmp_path: Path
+) -> None:
+    astronaut = Path(__file__).resolve().parents[2] / "inference" / "assets" / "astronaut.png"
+    notes = tmp_path / "notes.png"
+    notes.write_bytes(b"these are notes, not a picture\n" * 20)
+    await page.goto(server.url + "/admin")
+    await page.fill("#token", mint("root", "vip", roles=["admin"]))
+    await page.click("text=Show stats")
+    await page.wait_for_selector("#avatars-panel", state="visible")
+    await page.set_input_files("#avatar-file", str(astronaut))
+    await page.fill("#avatar-id", "browser-made")
+    await page.click("#upload button[type=submit]")
+    await page.wait_for_function("document.querySelector('#avatar-job-text').textContent === 'ready'", timeout=WAIT_MS)
+    assert await page.get_attribute("#avatar-progress", "value") == "1"
+    await page.wait_for_selector("tr[data-avatar=browser-made]")
+    assert server.get("/v1/avatars/browser-made").json()["status"] == "ready"
+
+    await page.set_input_files("#avatar-file", str(notes))
+    await page.fill("#avatar-id", "browser-bad")
+    await page.click("#upload button[type=submit]")
+    await page.wait_for_function(  # failed as a job, or refused at the door by the upload checks
+        "/^(failed|Refused)/.test(document.querySelector('#avatar-job-text').textContent)", timeout=WAIT_MS
+    )
+    failed = await page.text_content("#avatar-job-text") or ""
+    assert "not a video or image" in failed or failed.startswith("Refused (4"), failed
+
+    await page.click("tr[data-avatar=browser-made] button")
+    await page.wait_for_selector("tr[data-avatar=browser-made]", state="detached")
+    assert server.get("/v1/avatars/browser-made").status_code == 404
+
+
 async def test_recorded_microphone_is_converted_and_plays(server: RunningServer, page: Any) -> None:
     # Chromium's MediaRecorder makes WebM/Opus, which the server does not take: the SDK sends WAV.
     await open_index(page, server)
