@@ -39,7 +39,7 @@ class AvatarPreparer:
         self.max_pending = max_pending
         self._executor = ThreadPoolExecutor(1, "avatar-prepare", initializer=_lower_priority)
         self._lock = threading.Lock()
-        self._pending: set[Future[None]] = set()
+        self._pending: dict[Future[None], tuple[PreparationJob, Path, bool]] = {}
 
     def submit(
         self, avatar_id: str, name: str, source: Path, *, face_box: FaceBox | None = None, owned: bool = True
@@ -47,12 +47,12 @@ class AvatarPreparer:
         """Queue a preparation; ``owned`` sources are deleted once it ran. Raises
         ``PreparationsFull``, ``InvalidAvatarId`` or ``AvatarBusy`` (then nothing is queued)."""
         with self._lock:
-            self._pending = {f for f in self._pending if not f.done()}
+            self._pending = {f: w for f, w in self._pending.items() if not f.done()}
             if len(self._pending) >= self.max_pending:
                 raise PreparationsFull(f"{len(self._pending)} avatar preparations are waiting already")
             job = self.store.begin_preparation(avatar_id, name)
             future = self._executor.submit(self._run, job, source, face_box, owned)
-            self._pending.add(future)
+            self._pending[future] = (job, source, owned)
         return job
 
     def _run(self, job: PreparationJob, source: Path, face_box: FaceBox | None, owned: bool) -> None:
@@ -65,5 +65,12 @@ class AvatarPreparer:
                 source.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
-        """Wait for the preparation running now; drop those still waiting (they fail)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        """Wait for the preparation running now; those still waiting fail, saying why."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            waiting = [w for f, w in self._pending.items() if f.cancelled()]
+        for job, source, owned in waiting:
+            self.store.jobs.fail(job, "the server stopped before this preparation ran: upload it again")
+            if owned:
+                source.unlink(missing_ok=True)
+        self._executor.shutdown(wait=True)
