@@ -8,8 +8,12 @@ from hypothesis import strategies as st
 
 from inference.avatars.hot import HotAvatars
 from inference.pool import choose_worker
+from stream_server.admission.admission import Admission
+from stream_server.admission.memory import MemoryAdmissionStore
+from stream_server.admission.owner import TicketOwner
 from stream_server.admission.policy import HOT_BOOST_MARGIN_S, AdmissionPolicy
 from stream_server.settings import QueueSettings, TierSettings
+from tests.test_admission import run
 
 
 def test_an_avatar_is_hot_after_more_than_the_threshold_within_the_window() -> None:
@@ -80,3 +84,17 @@ def test_a_stream_goes_to_the_worker_holding_its_avatar_unless_that_lengthens_th
     assert choose_worker([2, 4], [False, True]) == 0  # two more: the least loaded
     assert choose_worker([1, 0], [False, False]) == 1
     assert choose_worker([3, 2, 2], [True, False, True]) == 2
+
+
+def test_a_hot_ticket_passes_its_own_tier_within_the_bound_but_never_a_higher_tier() -> None:
+    cfg = QueueSettings(hot_boost_s=30.0)
+    queue: Admission[TicketOwner] = Admission(AdmissionPolicy(cfg), MemoryAdmissionStore(list(cfg.tiers), 1))
+    run(queue.join("busy", "u0", "normal", "a", 0.0))
+    assert run(queue.grant(0.0)) is not None  # the only slot is taken
+    run(queue.join("early", "u1", "normal", "cold", 0.0))
+    run(queue.join("too-late", "u2", "normal", "cold", 1.0))
+    run(queue.join("vip", "u3", "vip", "cold", 20.0))
+    run(queue.join("hot", "u4", "normal", "hot", 20.0, hot=True))  # 20 s after "early": within 30 s
+    run(queue.join("hot-late", "u5", "normal", "hot", 40.0, hot=True))  # 40 s after: not ahead of it
+    order = [t.id for t in run(queue.view(40.0)).waiting]
+    assert order == ["vip", "hot", "early", "too-late", "hot-late"]

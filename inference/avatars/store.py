@@ -113,6 +113,7 @@ class AvatarStore:
             return None
         avatar = self._cache.get(avatar_id)
         if avatar is not None:
+            self._last_used[avatar_id] = time.monotonic()
             return avatar
         if not self.layout.store_file(avatar_id).is_file():
             return None  # (and no lock is made for ids that do not exist)
@@ -124,7 +125,7 @@ class AvatarStore:
                 avatar = self._load(avatar_id)
                 if avatar is not None:
                     self._cache.put(avatar_id, avatar)
-        if avatar is not None:
+        if avatar is not None:  # (a load may have prepared the data again: the disk may have grown)
             self._last_used[avatar_id] = time.monotonic()
             self._enforce_disk_budget(keep=avatar_id)
         return avatar
@@ -132,10 +133,6 @@ class AvatarStore:
     @property
     def host_stats(self) -> CacheStats:
         return self._cache.stats
-
-    def loaded(self, avatar_id: str) -> bool:
-        """Whether the avatar is in host memory now."""
-        return avatar_id in self._cache
 
     # ----- changes -----
 
