@@ -187,6 +187,7 @@ class Session:
 
     async def _start(self, message: Start) -> None:
         assert self.identity is not None
+        self.node.auth.ensure_current(self.identity)
         if self.request is not None:
             raise ProtocolError(ErrorCode.BUSY, "this socket already has an active request; cancel it first")
         wait = self.node.start_limiter.allow(self.identity.key, time.monotonic())

@@ -39,6 +39,7 @@ class AuthSettings(BaseModel):
     public_key_file: str = ""
     algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
     leeway_s: float = 5.0
+    exp_grace_s: float = 30.0
     resume_secret: str = ""
 
 
