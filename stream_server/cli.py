@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stream_server.app import create_app
+    from stream_server.header_deadline import with_header_timeout
 
     settings = Settings()
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
@@ -25,6 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
         create_app(settings),
         host=host,
         port=port,
+        http=with_header_timeout(settings.server.header_timeout_s),
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_message_bytes,
         ws_per_message_deflate=False,

@@ -31,6 +31,7 @@ class ServerSettings(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list)
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
+    header_timeout_s: float = 10.0
     data_dir: Path = Path("var")
 
 
@@ -78,6 +79,7 @@ class LimitSettings(BaseModel):
     start_rate_per_minute: float = 20
     start_burst: int = 5
     bad_message_limit: int = 20
+    hello_timeout_s: float = 5.0
 
 
 class EngineSettings(BaseModel):
