@@ -25,6 +25,7 @@ from stream_server.metrics import Metrics
 from stream_server.protocol import encode
 from stream_server.ratelimit import RateLimiter
 from stream_server.settings import TIER_NAMES, Settings
+from stream_server.upload_budget import UploadBudget
 
 if TYPE_CHECKING:
     from stream_server.session import Session
@@ -55,6 +56,8 @@ class Node:
             )
         )
         self.clips = ClipStore(data / "clips", settings.stream.clip_cache_bytes)
+        self.upload_budget = UploadBudget(settings.limits.queued_audio_bytes, settings.queue.retry_after_s)
+        self.metrics.watch_upload_budget(self.upload_budget)
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
@@ -199,7 +202,9 @@ class Node:
     def _expire_parked(self) -> None:
         now = time.monotonic()
         for sid in [sid for sid, (_, until) in self.parked.items() if until < now]:
-            del self.parked[sid]
+            session, _ = self.parked.pop(sid)
+            if session.request is not None:
+                session.request.audio.close()
 
     # ----- public summaries -----
 

@@ -13,9 +13,9 @@ import enum
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
+from inference.engine import FPS
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.admission.backend import Grant
 from stream_server.admission.policy import IdentityBusy, QueueFull
@@ -61,7 +61,6 @@ class Request:
     ticket_id: str
     start: Start
     audio: AudioInput
-    pending: list[Pcm | None] = field(default_factory=list)
     frames_total: int | None = None
     clip_key: str | None = None
     stream: EngineStream | None = None
@@ -76,10 +75,10 @@ class Request:
         return self.start.mode == "live"
 
     def deliver(self, pcm: Pcm | None) -> None:
-        """Audio (or, as ``None``, the end of it) for the engine, now or once granted."""
-        if self.stream is None:
-            self.pending.append(pcm)
-        elif pcm is None:
+        """Audio (or, as ``None``, the end of it) for the granted engine stream; while the request
+        waits, its audio stays in ``audio`` as received."""
+        assert self.stream is not None
+        if pcm is None:
             self.stream.end_audio()
         else:
             self.stream.feed(*pcm)
@@ -117,7 +116,7 @@ class Session:
         elif isinstance(message, Cancel):
             await self.cancel()
         elif isinstance(message, Interrupt):
-            self._interrupt()
+            await self._interrupt()
         elif isinstance(message, WebrtcOffer):
             self._offer(message)
 
@@ -125,6 +124,8 @@ class Session:
         request = self.request
         if request is None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary audio needs a start first")
+        if request.audio.complete:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary audio after audio_end: the clip's audio is complete")
         try:
             pcm = await request.audio.add(data)
         except ProtocolError:
@@ -158,6 +159,7 @@ class Session:
         if resumed is not None:
             ticket = await self.node.admission.reattach(resumed.ticket_id, time.monotonic())
             if ticket is None:
+                resumed.audio.close()
                 self.request = None
                 self.state = SessionState.IDLE
                 raise ProtocolError(ErrorCode.SESSION_EXPIRED, "the queued request has expired")
@@ -202,11 +204,14 @@ class Session:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
             spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
         limits = self.node.settings.limits
+        self.node.upload_budget.check_room()
         audio = AudioInput(
             spec,
             live=message.mode == "live",
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
+            budget=self.node.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
         )
         self._requests += 1
         ticket_id = f"{self.id}:{self._requests}"
@@ -227,7 +232,7 @@ class Session:
         request = self.request
         if request is None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end needs a start first")
-        if not request.live and request.frames_total is not None:
+        if not request.live and request.audio.complete:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end was already sent for this clip")
         try:
             pcm = await request.audio.end()
@@ -237,8 +242,7 @@ class Session:
         if request is not self.request:
             return
         if not request.live:
-            features, _ = pcm
-            request.frames_total = len(features) // FEATURE_SAMPLES_PER_FRAME
+            request.frames_total = request.audio.frames
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
@@ -248,8 +252,9 @@ class Session:
             if request.clip_key and not request.media_started and self.node.clips.exists(request.clip_key):
                 await self._serve_cached(request)
                 return
-        request.deliver(pcm)
-        request.deliver(None)
+        if pcm is not None:
+            request.deliver(pcm)
+            request.deliver(None)
 
     def _clip_key(self, request: Request, avatar_revision: str | None) -> str:
         stream = self.node.settings.stream
@@ -276,6 +281,7 @@ class Session:
             await self._stop_serving(request)
         assert request.clip_key is not None
         path = self.node.clips.path(request.clip_key)
+        request.audio.close()
         frames = await send_cached_clip(path, self.outbox, self.node.settings.limits.max_message_bytes)
         self.node.metrics.clips_served.inc()
         self.outbox.send(
@@ -292,11 +298,11 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "this request takes no (further) WebRTC offer")
         request.offer.set_result((message.sdp, message.id))
 
-    def _interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         request = self.request
         if request is None or not request.live:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "interrupt applies to a live session")
-        request.pending.clear()
+        await request.audio.interrupt()
         if request.stream is not None:
             request.stream.interrupt()
         if request.rtc is not None:
@@ -345,9 +351,8 @@ class Session:
                 on_output=lambda: loop.call_soon_threadsafe(ready.set),
             )
             request.stream = stream
-            for pcm in request.pending:
+            for pcm in await request.audio.grant():
                 request.deliver(pcm)
-            request.pending.clear()
             limit = node.settings.limits.max_live_session_s if request.live else None
             try:
                 async with asyncio.timeout(limit):
@@ -398,6 +403,7 @@ class Session:
                 ProtocolError(ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released")
             )
         finally:
+            request.audio.close()
             if self.request is request:
                 self.request = None
                 if self.state is SessionState.STREAMING:
@@ -448,6 +454,7 @@ class Session:
             await self._drop_request(request)
 
     async def _drop_request(self, request: Request) -> None:
+        request.audio.close()
         if self.request is request:
             self.request = None
         if self.state is SessionState.QUEUED:

@@ -80,6 +80,8 @@ class LimitSettings(BaseModel):
     start_burst: int = 5
     bad_message_limit: int = 20
     hello_timeout_s: float = 5.0
+    queued_audio_bytes: int = 1 << 30
+    audio_spool_bytes: int = 16_384
 
 
 class EngineSettings(BaseModel):
