@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from inference.avatar_store import InvalidAvatarId, validate_avatar_id
 from inference.pool import EnginePool
+from stream_server.avatar_upload import UploadRefused, receive_avatar_upload
 from stream_server.hello_deadline import HelloDeadline
 from stream_server.node import Node
 from stream_server.outbox import Outbox
@@ -233,14 +232,11 @@ async def create_avatar(request: Request) -> Response:
     except InvalidAvatarId as exc:
         return JSONResponse({"code": "bad_message", "message": str(exc)}, status_code=400)
     name = request.query_params.get("name", avatar_id)[:100]
-    body = await request.body()
-    if not body:
-        return JSONResponse({"code": "bad_message", "message": "the body must be an image or a video"}, status_code=400)
-    suffix = {"image/png": ".png", "image/jpeg": ".jpg", "video/mp4": ".mp4", "video/webm": ".webm"}.get(
-        request.headers.get("content-type", ""), ".bin"
-    )
-    upload = Path(tempfile.gettempdir()) / f"mts-upload-{secrets.token_hex(8)}{suffix}"
-    await asyncio.to_thread(upload.write_bytes, body)
+    try:
+        received = await receive_avatar_upload(request, node.settings.limits)
+    except UploadRefused as refused:
+        return JSONResponse({"code": refused.code, "message": refused.message}, status_code=refused.status)
+    upload = received.path
 
     def prepare() -> None:
         try:

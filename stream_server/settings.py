@@ -82,6 +82,10 @@ class LimitSettings(BaseModel):
     hello_timeout_s: float = 5.0
     queued_audio_bytes: int = 1 << 30
     audio_spool_bytes: int = 16_384
+    avatar_upload_bytes: int = 200_000_000
+    avatar_upload_pixels: int = 16_777_216
+    avatar_upload_frames: int = 3000
+    avatar_upload_seconds: float = 120.0
 
 
 class EngineSettings(BaseModel):
