@@ -13,6 +13,7 @@ from stream_server.settings import TIER_NAMES, Settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from stream_server.allocator import limit_malloc_arenas
     from stream_server.app import create_app
     from stream_server.header_deadline import with_header_timeout
 
@@ -22,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas(settings.server.malloc_arena_max)
     uvicorn.run(
         create_app(settings),
         host=host,

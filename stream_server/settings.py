@@ -32,6 +32,7 @@ class ServerSettings(BaseModel):
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     header_timeout_s: float = 10.0
+    malloc_arena_max: int = 2
     data_dir: Path = Path("var")
 
 
