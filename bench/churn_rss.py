@@ -68,16 +68,21 @@ async def run(cycles: int, clients: int, render_every: int) -> dict[str, object]
         warm_up = max(1, per_client // 10)
         await asyncio.gather(*(worker(server, i, warm_up, audio, render_every) for i in range(clients)))
         rss_warm = proc.memory_info().rss
-        await asyncio.gather(*(worker(server, i, per_client, audio, render_every) for i in range(clients)))
+        by_1000 = []
+        block = max(1, 1000 // clients)
+        for _ in range(max(1, per_client // block)):
+            await asyncio.gather(*(worker(server, i, block, audio, render_every) for i in range(clients)))
+            by_1000.append(proc.memory_info().rss / 2**20)
         await asyncio.sleep(3.0)
         rss_end = proc.memory_info().rss
-        done = per_client * clients
+        done = len(by_1000) * block * clients
         summary = server.get("/v1/queue").json()
         return {
             "cycles": done,
             "rss_warm_mib": rss_warm / 2**20,
             "rss_end_mib": rss_end / 2**20,
             "rss_growth_mib_per_1000_cycles": (rss_end - rss_warm) / 2**20 * 1000 / done,
+            "rss_mib_after_each_1000": [round(r, 1) for r in by_1000],
             "slots_busy": summary["slots"]["busy"],
             "waiting": sum(t["size"] for t in summary["tiers"].values()),
             "sessions_active": metric(server, "mts_sessions_active"),

@@ -1,11 +1,12 @@
-"""The server process's malloc setting, applied before any worker thread starts.
+"""The server process's memory allocator, chosen before any worker thread starts.
 
-glibc gives each thread that contends for the heap an arena of its own (up to 8 per core), and
-memory freed in one arena is rarely returned or reused by another, so a server whose encoder,
-frame-worker and executor threads come and go sees its resident memory grow under churn while
-the Python heap stays flat. ``server.malloc_arena_max`` caps the arenas (``mallopt(M_ARENA_MAX)``,
-the same as ``MALLOC_ARENA_MAX`` in the environment, which wins when set). See
-docs/reliability.md for the measurements behind the default.
+Under churn (clients joining, leaving, resuming) the Python heap stays flat but resident memory
+grows: freed memory is kept by the allocators (CPython's pymalloc arenas, glibc's per-thread
+arenas) rather than reused or returned. Measured in docs/reliability.md: jemalloc for every
+allocation (``LD_PRELOAD`` plus ``PYTHONMALLOC=malloc``) grew least, so it is the default. Both
+must be in place when the process starts, so ``serve`` re-executes itself with them set (logged).
+Where the library is missing it says so and caps glibc's arenas instead
+(``mallopt(M_ARENA_MAX)``, the same as ``MALLOC_ARENA_MAX``).
 """
 
 from __future__ import annotations
@@ -13,17 +14,44 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
+from pathlib import Path
+
+from stream_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 M_ARENA_MAX = -8
 
 
+def apply_allocator(settings: ServerSettings) -> None:
+    """Does not return when it re-executes the process under jemalloc."""
+    if settings.allocator == "jemalloc":
+        library = Path(settings.jemalloc_library)
+        preloaded = os.environ.get("LD_PRELOAD", "")
+        if str(library) in preloaded.split() and os.environ.get("PYTHONMALLOC") == "malloc":
+            log.info("allocator: jemalloc (%s)", library)
+            return
+        if library.is_file():
+            log.info("allocator: re-executing under jemalloc (%s, PYTHONMALLOC=malloc)", library)
+            env = {**os.environ, "LD_PRELOAD": f"{library} {preloaded}".strip(), "PYTHONMALLOC": "malloc"}
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        log.warning(
+            "allocator: %s not found (apt-get install libjemalloc2, or set server.jemalloc_library); "
+            "using glibc with %d arenas",
+            library,
+            settings.malloc_arena_max,
+        )
+    limit_malloc_arenas(settings.malloc_arena_max)
+
+
 def limit_malloc_arenas(arenas: int) -> None:
     if os.environ.get("MALLOC_ARENA_MAX"):
-        log.info("malloc arenas: MALLOC_ARENA_MAX=%s from the environment", os.environ["MALLOC_ARENA_MAX"])
+        log.info("allocator: glibc, MALLOC_ARENA_MAX=%s from the environment", os.environ["MALLOC_ARENA_MAX"])
         return
     if arenas <= 0:
-        log.info("malloc arenas: the C library's default (server.malloc_arena_max = 0)")
+        log.info("allocator: glibc with its default arenas (server.malloc_arena_max = 0)")
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -33,4 +61,4 @@ def limit_malloc_arenas(arenas: int) -> None:
     if mallopt(M_ARENA_MAX, arenas) != 1:
         log.warning("server.malloc_arena_max not applied: mallopt(M_ARENA_MAX, %d) failed", arenas)
         return
-    log.info("malloc arenas limited to %d (server.malloc_arena_max)", arenas)
+    log.info("allocator: glibc with at most %d arenas (server.malloc_arena_max)", arenas)

@@ -32,6 +32,8 @@ class ServerSettings(BaseModel):
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
     header_timeout_s: float = 10.0
+    allocator: Literal["jemalloc", "glibc"] = "jemalloc"
+    jemalloc_library: str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
     malloc_arena_max: int = 2
     data_dir: Path = Path("var")
 
