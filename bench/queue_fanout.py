@@ -100,7 +100,7 @@ async def open_waiter(server: RunningServer, sub: str, upload: bytes | None = No
     return waiter
 
 
-async def run(clients: int, rounds: int, upload_s: float) -> dict[str, object]:
+async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> dict[str, object]:
     upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, run_server(
         Path(tmp),
@@ -125,6 +125,8 @@ async def run(clients: int, rounds: int, upload_s: float) -> dict[str, object]:
                 await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         rss_after = proc.memory_info().rss
+        await asyncio.sleep(settle_s)
+        rss_settled = proc.memory_info().rss
         lag_joining = metric(server, "mts_event_loop_lag_p99_seconds")
         buckets_before = lag_buckets(server)
 
@@ -158,6 +160,8 @@ async def run(clients: int, rounds: int, upload_s: float) -> dict[str, object]:
             "max_ms": 1000 * max(latencies),
             "upload_bytes_per_client": len(upload) if upload is not None else 0,
             "kb_per_client": (rss_after - rss_before) / clients / 1024,
+            "kb_per_client_settled": (rss_settled - rss_before) / clients / 1024,
+            "settle_s": 1.0 + settle_s,
             "round_max_ms": [round(1000 * m, 1) for m in round_max],
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
             "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_p99_between(buckets_before, lag_buckets(server)),
@@ -172,8 +176,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--upload-s", type=float, default=0.0, help="each waiting client sends a clip this long")
+    parser.add_argument("--settle-s", type=float, default=15.0,
+                        help="measure memory again this much later (allocators give freed memory back with a delay)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.upload_s))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

@@ -4,7 +4,10 @@ Under churn (clients joining, leaving, resuming) the Python heap stays flat but 
 grows: freed memory is kept by the allocators (CPython's pymalloc arenas, glibc's per-thread
 arenas) rather than reused or returned. Measured in docs/reliability.md: jemalloc for every
 allocation (``LD_PRELOAD`` plus ``PYTHONMALLOC=malloc``) grew least, so it is the default. Both
-must be in place when the process starts, so ``serve`` re-executes itself with them set (logged).
+must be in place when the process starts, so ``serve`` re-executes itself with them set (logged),
+and with ``server.jemalloc_conf`` as ``MALLOC_CONF`` (unless that is set): a background thread
+gives freed pages back within a second, even while the server is idle, so that a burst of
+uploads does not stay resident.
 Where the library is missing it says so and caps glibc's arenas instead
 (``mallopt(M_ARENA_MAX)``, the same as ``MALLOC_ARENA_MAX``).
 """
@@ -33,7 +36,12 @@ def apply_allocator(settings: ServerSettings) -> None:
             return
         if library.is_file():
             log.info("allocator: re-executing under jemalloc (%s, PYTHONMALLOC=malloc)", library)
-            env = {**os.environ, "LD_PRELOAD": f"{library} {preloaded}".strip(), "PYTHONMALLOC": "malloc"}
+            env = {
+                "MALLOC_CONF": settings.jemalloc_conf,
+                **os.environ,
+                "LD_PRELOAD": f"{library} {preloaded}".strip(),
+                "PYTHONMALLOC": "malloc",
+            }
             sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

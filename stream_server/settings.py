@@ -34,6 +34,7 @@ class ServerSettings(BaseModel):
     header_timeout_s: float = 10.0
     allocator: Literal["jemalloc", "glibc"] = "jemalloc"
     jemalloc_library: str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    jemalloc_conf: str = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
     malloc_arena_max: int = 2
     data_dir: Path = Path("var")
 

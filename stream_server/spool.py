@@ -2,12 +2,14 @@
 
 File writes and reads run in worker threads; the owner serialises calls (``AudioInput`` holds a
 lock), so chunks stay in order. The file has no name (``tempfile.TemporaryFile``): it is gone when
-closed or when the process ends, whatever happens.
+closed or when the process ends, whatever happens. It is unbuffered: a waiting request holds no
+file buffer in memory, only a descriptor.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from typing import IO
 
@@ -30,7 +32,7 @@ class Spool:
             held, self._memory = bytes(self._memory), bytearray()
             self._file = await asyncio.to_thread(_new_file, held + data)
         else:
-            await asyncio.to_thread(self._file.write, data)
+            await asyncio.to_thread(_write_all, self._file, data)
         self.size += len(data)
 
     async def read(self, start: int, end: int) -> bytes:
@@ -48,14 +50,23 @@ class Spool:
 
 
 def _new_file(data: bytes) -> IO[bytes]:
-    file = tempfile.TemporaryFile(prefix="mts-audio-")  # noqa: SIM115 - the Spool owns and closes it
-    file.write(data)
+    file = tempfile.TemporaryFile(prefix="mts-audio-", buffering=0)  # noqa: SIM115 - the Spool closes it
+    _write_all(file, data)
     return file
 
 
+def _write_all(file: IO[bytes], data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(file.fileno(), view) :]
+
+
 def _read_range(file: IO[bytes], start: int, end: int) -> bytes:
-    file.flush()
-    file.seek(start)
-    data = file.read(end - start)
-    file.seek(0, 2)
-    return data
+    parts = []
+    while start < end:
+        part = os.pread(file.fileno(), end - start, start)
+        if not part:
+            raise EOFError(f"the spool file ends at {start} bytes, {end} were written")
+        parts.append(part)
+        start += len(part)
+    return b"".join(parts)
