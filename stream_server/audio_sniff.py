@@ -3,6 +3,8 @@ request waits, so a PNG declared as ``wav`` is refused at once, in words."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 HEAD_BYTES = 12
 
 _KNOWN = (
@@ -30,13 +32,16 @@ def _is_mp3(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0 and head[1] & 0x06 != 0
 
 
-_MATCHES = {
-    "wav": _is_wav,
-    "mp3": _is_mp3,
-    "ogg": lambda head: head[:4] == b"OggS",
+def _is_ogg(head: bytes) -> bool:
+    return head[:4] == b"OggS"
+
+
+def _is_flac(head: bytes) -> bool:
     # FFmpeg also takes FLAC behind an ID3 tag.
-    "flac": lambda head: head[:4] == b"fLaC" or head[:3] == b"ID3",
-}
+    return head[:4] == b"fLaC" or head[:3] == b"ID3"
+
+
+_MATCHES: dict[str, Callable[[bytes], bool]] = {"wav": _is_wav, "mp3": _is_mp3, "ogg": _is_ogg, "flac": _is_flac}
 
 
 def describe(head: bytes) -> str:
