@@ -157,17 +157,17 @@ class AudioInput:
     async def _decode(self, start: int, end: int, *, counted: bool = False) -> Pcm:
         """Decode one kept clip or utterance (a container format) in a worker thread; its
         seconds count against the limit unless they were ``counted`` at validation."""
-        data = await self._spool.read(start, end)
         left = self.max_seconds if counted else self.max_seconds - self.seconds
-        try:
-            decoded: DecodedAudio = await asyncio.to_thread(
-                decode_audio,
-                data,
-                self.spec.format,
-                sample_rate=self.spec.sample_rate,
-                channels=self.spec.channels,
-                max_seconds=max(left, 0.0),
+        spool, spec = self._spool, self.spec
+
+        def read_and_decode() -> DecodedAudio:
+            data = spool.read_blocking(start, end)
+            return decode_audio(
+                data, spec.format, sample_rate=spec.sample_rate, channels=spec.channels, max_seconds=max(left, 0.0)
             )
+
+        try:
+            decoded = await asyncio.to_thread(read_and_decode)
         except AudioError as exc:
             raise (self._too_long() if exc.code == "audio_too_long" else _protocol_error(exc)) from None
         if not counted:

@@ -40,6 +40,13 @@ class Spool:
             return bytes(self._memory[start:end])
         return await asyncio.to_thread(_read_range, self._file, start, end)
 
+    def read_blocking(self, start: int, end: int) -> bytes:
+        """``read`` for a worker thread that goes on to use the bytes at once: work waiting for
+        a thread then holds no copy of them."""
+        if self._file is None:
+            return bytes(self._memory[start:end])
+        return _read_range(self._file, start, end)
+
     def reset(self) -> None:
         """Forget everything; the file (if any) is closed in a worker thread."""
         file, self._file = self._file, None
