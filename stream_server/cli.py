@@ -11,20 +11,26 @@ from stream_server.settings import TIER_NAMES, Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from stream_server.allocator import apply_allocator
+
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_allocator(settings.server)  # first: it may re-execute the process
+
     import uvicorn
 
     from stream_server.app import create_app
+    from stream_server.header_deadline import with_header_timeout
 
-    settings = Settings()
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
     sys.setswitchinterval(0.001)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         create_app(settings),
         host=host,
         port=port,
+        http=with_header_timeout(settings.server.header_timeout_s),
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_message_bytes,
         ws_per_message_deflate=False,

@@ -129,9 +129,8 @@ class Serving:
         )
         request.stream = stream
         request.status = RequestStatus.STREAMING
-        for pcm in request.pending:
+        for pcm in await request.audio.grant():
             request.deliver(pcm)
-        request.pending.clear()
         limit = self.settings.limits.max_live_session_s if request.live else None
         try:
             async with asyncio.timeout(limit):

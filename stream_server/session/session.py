@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
+from inference.engine import FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull
@@ -45,6 +45,7 @@ from stream_server.session.request import FINISHED_ERRORS, Request, RequestStatu
 from stream_server.session.serving import Serving
 from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
+from stream_server.upload_budget import UploadBudget
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SessionServices:
     dispatcher: Dispatcher[RequestOwner]
     serving: Serving
     start_limiter: RateLimiter
+    upload_budget: UploadBudget
 
 
 class Session:
@@ -97,7 +99,7 @@ class Session:
             self.machine.check(Event.CANCEL)
             await self.cancel()
         elif isinstance(message, Interrupt):
-            self._interrupt()
+            await self._interrupt()
         elif isinstance(message, WebrtcOffer):
             self._offer(message)
 
@@ -105,6 +107,8 @@ class Session:
         self.machine.check(Event.AUDIO)
         request = self.request
         assert request is not None
+        if request.audio.complete:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary audio after audio_end: the clip's audio is complete")
         try:
             pcm = await request.audio.add(data)
         except ProtocolError:
@@ -165,6 +169,7 @@ class Session:
         self.machine.check(Event.START)
         assert self.identity is not None
         services = self.services
+        services.auth.ensure_current(self.identity)
         wait = services.start_limiter.allow(self.identity.key, time.monotonic())
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many start messages", retry_after_s=wait)
@@ -177,11 +182,14 @@ class Session:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
             spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
         limits = services.settings.limits
+        services.upload_budget.check_room()
         audio = AudioInput(
             spec,
             live=message.mode == "live",
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
+            budget=services.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
         )
         self._requests += 1
         request = Request(f"{self.id}:{self._requests}", message, audio)
@@ -191,8 +199,10 @@ class Session:
                 request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner
             )
         except QueueFull as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
         except IdentityBusy as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
@@ -201,7 +211,7 @@ class Session:
         self.machine.check(Event.AUDIO_END)
         request = self.request
         assert request is not None
-        if not request.live and request.frames_total is not None:
+        if not request.live and request.audio.complete:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end was already sent for this clip")
         try:
             pcm = await request.audio.end()
@@ -211,16 +221,16 @@ class Session:
         if request is not self.request:
             return
         if not request.live:
-            features, _ = pcm
-            request.frames_total = len(features) // FEATURE_SAMPLES_PER_FRAME
+            request.frames_total = request.audio.frames
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
             if await self.services.serving.find_cached(request) and request is self.request:
                 await self._replay(request)
                 return
-        request.deliver(pcm)
-        request.deliver(None)
+        if pcm is not None:
+            request.deliver(pcm)
+            request.deliver(None)
 
     async def _replay(self, request: Request) -> None:
         """The same clip was made before: give back the queue place or the slot (nothing has been
@@ -232,6 +242,7 @@ class Session:
             await self.services.admission.leave(request.ticket_id)
         elif request.task is not None:
             await self._stop_serving(request)
+        request.audio.close()
         await self.services.serving.replay(request, self.outbox)
         request.status = RequestStatus.FINISHED
 
@@ -243,13 +254,13 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "this request takes no (further) WebRTC offer")
         request.offer.set_result((message.sdp, message.id))
 
-    def _interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         self.machine.check(Event.INTERRUPT)
         request = self.request
         assert request is not None
         if not request.live:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "interrupt applies to a live session")
-        request.pending.clear()
+        await request.audio.interrupt()
         if request.stream is not None:
             request.stream.interrupt()
         if request.rtc is not None:
@@ -276,6 +287,7 @@ class Session:
         try:
             status = await self.services.serving.serve(request, self.outbox)
         finally:
+            request.audio.close()
             request.status = status
             if self.request is request:
                 self.request = None
@@ -297,6 +309,7 @@ class Session:
             await self._drop_request(request)
 
     async def _drop_request(self, request: Request) -> None:
+        request.audio.close()
         if self.request is request:
             self.request = None
             self.machine.apply(Event.END)
