@@ -341,7 +341,8 @@ class Session:
                 avatar,
                 StreamMode(request.start.mode),
                 buffer_frames=node.settings.engine.stream_buffer_frames,
-                on_output=lambda: loop.call_soon_threadsafe(ready.set),
+                # the WebRTC sender waits on the loop; the MSE encoder waits in its own thread
+                on_output=(lambda: loop.call_soon_threadsafe(ready.set)) if request.offer is not None else None,
             )
             request.stream = stream
             for pcm in request.pending:
@@ -356,7 +357,6 @@ class Session:
                         sender = MseSender(
                             stream,
                             self.outbox,
-                            ready,
                             node.settings.stream,
                             total_frames=lambda: request.frames_total,
                             open_clip=lambda: node.clips.writer(request.clip_key) if request.clip_key else None,
