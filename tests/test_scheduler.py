@@ -5,12 +5,19 @@ Frame ``i`` of a stream started at ``s`` is due at ``s + i / 25``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from inference.scheduler import UNTIMED_SLEEP_S, FrameScheduler, SchedulePlan
 from inference.stream import StreamMode, StreamSnapshot
 
 CLIP, LIVE = StreamMode.CLIP, StreamMode.LIVE
+
+
+def rounded(plan: SchedulePlan) -> SchedulePlan:
+    """The plan with its sleep rounded to the nanosecond, to compare with decimal literals."""
+    return dataclasses.replace(plan, sleep_s=round(plan.sleep_s, 9))
 
 
 def snap(
@@ -50,7 +57,7 @@ def test_speech_frames_go_earliest_deadline_first_across_streams() -> None:
 
 def test_a_batch_never_exceeds_max_batch() -> None:
     scheduler = FrameScheduler(max_batch=8)
-    assert scheduler.schedule([snap(ready=20)], now=0.0) == SchedulePlan(render={0: 8})
+    assert rounded(scheduler.schedule([snap(ready=20)], now=0.0)) == SchedulePlan(render={0: 8})
     three = [snap(ready=20), snap(ready=20, started_at=0.001), snap(ready=20, started_at=0.002)]
     assert scheduler.schedule(three, now=0.0).render == {0: 3, 1: 3, 2: 2}
     assert FrameScheduler(max_batch=1).schedule(three, now=0.0).render == {0: 1}
@@ -79,25 +86,25 @@ def test_a_stalled_consumer_gets_nothing_while_the_others_proceed() -> None:
 
 def test_a_stalled_live_stream_gets_no_idle_frame_and_sets_no_timer() -> None:
     stalled = snap(LIVE, room=0, next_index=5)  # due at 0.2, nothing to say, no room
-    assert FrameScheduler(max_batch=8).schedule([stalled], now=1.0) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
+    assert rounded(FrameScheduler(max_batch=8).schedule([stalled], now=1.0)) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
 
 
 def test_a_live_stream_with_nothing_ready_gets_an_idle_frame_when_due() -> None:
     scheduler = FrameScheduler(max_batch=8)
     quiet = snap(LIVE, next_index=5)  # due at 0.20
-    assert scheduler.schedule([quiet], now=0.19) == SchedulePlan(sleep_s=pytest.approx(0.01))
+    assert rounded(scheduler.schedule([quiet], now=0.19)) == SchedulePlan(sleep_s=0.01)
     # due: one idle frame now, then sleep until the next one is due at 0.24
-    assert scheduler.schedule([quiet], now=0.21) == SchedulePlan(idle=(0,), sleep_s=pytest.approx(0.03))
+    assert rounded(scheduler.schedule([quiet], now=0.21)) == SchedulePlan(idle=(0,), sleep_s=0.03)
     # a clip stream never gets idle frames
-    assert scheduler.schedule([snap(CLIP, next_index=5)], now=1.0) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
+    assert rounded(scheduler.schedule([snap(CLIP, next_index=5)], now=1.0)) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
 
 
 def test_mid_utterance_an_idle_frame_waits_for_the_grace() -> None:
     """Audio received but its look-ahead not yet: the frame may be up to 80 ms late first."""
     scheduler = FrameScheduler(max_batch=8, mid_utterance_grace_s=0.08)
     waiting = snap(LIVE, pending=2, next_index=5)  # due at 0.20, rest frame at 0.28
-    assert scheduler.schedule([waiting], now=0.25) == SchedulePlan(sleep_s=pytest.approx(0.03))
-    assert scheduler.schedule([waiting], now=0.29) == SchedulePlan(idle=(0,), sleep_s=pytest.approx(0.03))
+    assert rounded(scheduler.schedule([waiting], now=0.25)) == SchedulePlan(sleep_s=0.03)
+    assert rounded(scheduler.schedule([waiting], now=0.29)) == SchedulePlan(idle=(0,), sleep_s=0.03)
     assert scheduler.schedule([snap(LIVE, next_index=5)], now=0.25).idle == (0,)  # no audio: no grace
 
 
@@ -105,10 +112,10 @@ def test_live_speech_is_limited_to_the_lead_horizon() -> None:
     scheduler = FrameScheduler(max_batch=32)
     # at 0.30 the horizon is 0.50 ahead: frames up to index 12 (due 0.48)
     talking = snap(LIVE, ready=20, next_index=10)
-    assert scheduler.schedule([talking], now=0.3) == SchedulePlan(render={0: 3})
+    assert rounded(scheduler.schedule([talking], now=0.3)) == SchedulePlan(render={0: 3})
     # all rendered up to the horizon: sleep until frame 13 (due 0.52) is within the lead, at 0.32
     ahead = snap(LIVE, ready=17, next_index=13)
-    assert scheduler.schedule([ahead], now=0.3) == SchedulePlan(sleep_s=pytest.approx(0.02))
+    assert rounded(scheduler.schedule([ahead], now=0.3)) == SchedulePlan(sleep_s=0.02)
     # speech ready but not yet within the horizon is not an idle frame either
     assert scheduler.schedule([ahead], now=0.3).idle == ()
     # a clip is not bound to real time
@@ -124,8 +131,8 @@ def test_idle_and_speech_in_one_round() -> None:
 def test_a_clip_finishes_when_its_audio_ended_and_every_frame_is_rendered() -> None:
     scheduler = FrameScheduler(max_batch=8)
     done = snap(ended=True, next_index=75)
-    assert scheduler.schedule([done], now=3.0) == SchedulePlan(finish=(0,), sleep_s=UNTIMED_SLEEP_S)
-    assert scheduler.schedule([snap(ended=True, ready=3)], now=3.0) == SchedulePlan(render={0: 3})
+    assert rounded(scheduler.schedule([done], now=3.0)) == SchedulePlan(finish=(0,), sleep_s=UNTIMED_SLEEP_S)
+    assert rounded(scheduler.schedule([snap(ended=True, ready=3)], now=3.0)) == SchedulePlan(render={0: 3})
     assert scheduler.schedule([snap(ended=True, in_flight=2)], now=3.0).finish == ()
     assert scheduler.schedule([snap(ended=False)], now=3.0).finish == ()
     # a live utterance that ended does not end the stream; a cancelled clip is not "finished"
@@ -135,7 +142,7 @@ def test_a_clip_finishes_when_its_audio_ended_and_every_frame_is_rendered() -> N
 
 def test_a_stream_that_is_not_running_gets_nothing() -> None:
     gone = snap(LIVE, ready=10, running=False)
-    assert FrameScheduler(max_batch=8).schedule([gone], now=5.0) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
+    assert rounded(FrameScheduler(max_batch=8).schedule([gone], now=5.0)) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
 
 
 def test_sleep_until_the_earliest_live_event() -> None:
@@ -146,8 +153,8 @@ def test_sleep_until_the_earliest_live_event() -> None:
         snap(LIVE, pending=1, next_index=21),  # due 0.84 + 0.08 grace = 0.92
         snap(CLIP, ended=False),  # waits for input: no timer
     ]
-    assert scheduler.schedule(streams, now=0.8) == SchedulePlan(sleep_s=pytest.approx(0.05))
+    assert rounded(scheduler.schedule(streams, now=0.8)) == SchedulePlan(sleep_s=0.05)
     # rendering: no sleep at all
-    assert scheduler.schedule(streams, now=0.86) == SchedulePlan(render={1: 1})
+    assert rounded(scheduler.schedule(streams, now=0.86)) == SchedulePlan(render={1: 1})
     # nothing timed: the worker waits for a wake-up, with a long safety timeout
-    assert scheduler.schedule([snap(CLIP)], now=0.0) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
+    assert rounded(scheduler.schedule([snap(CLIP)], now=0.0)) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
