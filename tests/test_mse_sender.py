@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ class Socket:
     async def send(self, item: str | bytes) -> None:
         self.items.append(item)
 
-    def messages(self, kind: str) -> list[dict[str, object]]:
+    def messages(self, kind: str) -> list[dict[str, Any]]:
         parsed = [json.loads(i) for i in self.items if isinstance(i, str)]
         return [m for m in parsed if m["type"] == kind]
 
