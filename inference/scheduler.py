@@ -44,10 +44,6 @@ class SchedulePlan:
     render: Mapping[int, int] = field(default_factory=dict)
     sleep_s: float = 0.0
 
-    @property
-    def batch_size(self) -> int:
-        return sum(self.render.values())
-
 
 class FrameScheduler:
     """Earliest-deadline-first batching of speech frames, with idle frames for live streams."""
