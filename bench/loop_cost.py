@@ -43,7 +43,7 @@ class CallbackCounter:
             self.count += 1
             run(handle)
 
-        asyncio.Handle._run = counted  # type: ignore[method-assign]
+        asyncio.Handle._run = counted  # type: ignore[method-assign, assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
