@@ -14,7 +14,7 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,17 +219,17 @@ class EngineStream:
             self._in_flight += len(reserved)
         return reserved
 
-    def deliver(self, index: int, image: np.ndarray, speech: bool) -> None:
-        """Hand one rendered frame to the consumer, in order. A speech frame must have been
-        reserved with ``take_features``; a rest frame takes ``next_index``."""
-        frame = Frame(index=index, image=image, audio=self._output_audio(speech), speech=speech)
+    def deliver(self, rendered: Sequence[tuple[int, np.ndarray]], *, speech: bool) -> None:
+        """Hand rendered frames (index, image) to the consumer, in order, waking it once. Speech
+        frames must have been reserved with ``take_features``; a rest frame takes ``next_index``."""
+        frames = [Frame(index=i, image=image, audio=self._output_audio(speech), speech=speech) for i, image in rendered]
         with self._lock:
             if speech:
-                self._in_flight -= 1
-                self.speech_frames += 1
-            self.next_index = index + 1
+                self._in_flight -= len(frames)
+                self.speech_frames += len(frames)
+            self.next_index = frames[-1].index + 1
             if self.state is StreamState.RUNNING:
-                self._frames.append(frame)
+                self._frames.extend(frames)
                 self._output_changed.notify_all()
         self._on_output()
 

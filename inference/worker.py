@@ -158,29 +158,34 @@ class FrameWorker:
         for i in plan.idle:
             stream = streams[i]
             index = stream.next_index
-            stream.deliver(index, stream.avatar.idle_frame(index % stream.avatar.cycle_length), False)
+            stream.deliver([(index, stream.avatar.idle_frame(index % stream.avatar.cycle_length))], speech=False)
         if plan.render:
             self._render(streams, plan.render)
         return plan.sleep_s
 
     def _render(self, streams: list[EngineStream], plan: Mapping[int, int]) -> None:
         requests: list[FrameRequest] = []
-        owners: list[tuple[EngineStream, int]] = []
+        reserved: list[tuple[EngineStream, list[int]]] = []
         for key, count in plan.items():
             stream = streams[key]
+            indices: list[int] = []
             for index, features in stream.take_features(count):
-                cycle = index % stream.avatar.cycle_length
-                requests.append(FrameRequest(stream.avatar, cycle, features))
-                owners.append((stream, index))
+                requests.append(FrameRequest(stream.avatar, index % stream.avatar.cycle_length, features))
+                indices.append(index)
+            reserved.append((stream, indices))
         try:
             images = self.renderer.render(requests)
+            if len(images) != len(requests):
+                raise RuntimeError(f"the renderer returned {len(images)} images for {len(requests)} requests")
         except Exception as exc:  # an engine fault ends only the streams in this batch
             log.exception("render failed for %d frames", len(requests))
-            for stream in {id(s): s for s, _ in owners}.values():
+            for stream, _ in reserved:
                 stream.fail(exc)
             return
-        for (stream, index), image in zip(owners, images, strict=True):
-            stream.deliver(index, image, True)
+        start = 0
+        for stream, indices in reserved:
+            stream.deliver(list(zip(indices, images[start : start + len(indices)], strict=True)), speech=True)
+            start += len(indices)
         self.frames_rendered += len(images)
         self.batches += 1
         self._rate.record(len(images), time.monotonic())
