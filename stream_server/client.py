@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import sys
@@ -60,7 +61,7 @@ def progress_bar(done: int, total: int | None, width: int = 30) -> str:
 
 def remux(fragmented: bytes, output: Path) -> None:
     """Copy the streams of a fragmented MP4 into a plain MP4 (moov first)."""
-    with av.open(io.BytesIO(fragmented)) as source, av.open(
+    with av.open(io.BytesIO(fragmented), "r") as source, av.open(
         str(output), "w", format="mp4", options={"movflags": "+faststart"}
     ) as target:
         mapping = {}
@@ -141,10 +142,8 @@ async def fetch_clip(
     except asyncio.CancelledError:
         # Ctrl-C: give the place in line back now rather than leaving it parked for the grace period.
         if request is not None and not request.finished:
-            try:
+            with contextlib.suppress(TimeoutError, MuseTalkError):
                 await asyncio.wait_for(request.cancel(), 2.0)
-            except (TimeoutError, MuseTalkError):
-                pass
         raise
     finally:
         await connection.close()

@@ -95,7 +95,6 @@ class Connection:
         self._open_timeout_s = open_timeout_s
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._welcomed: asyncio.Future[Welcome] | None = None
         self._pongs: dict[str, asyncio.Future[Pong]] = {}
         self._closing = False
 
@@ -108,21 +107,36 @@ class Connection:
     # ----- the socket -----
 
     async def _open(self, url: str, resume: str | None) -> None:
+        self._ws, self.welcome = await self._handshake(url, resume)
+        self._reader = asyncio.create_task(self._read(), name="musetalk-reader")
+
+    async def _handshake(self, url: str, resume: str | None) -> tuple[ClientConnection, Welcome]:
+        """Open a socket and say ``hello``; the first reply must be ``welcome``."""
         try:
             ws = await websockets.connect(url, max_size=None, open_timeout=self._open_timeout_s)
         except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-            raise ConnectionLost(f"cannot open {url}: {exc}") from None
+            raise ConnectionLost(f"cannot open {url}: {exc or type(exc).__name__}") from None
         hello: dict[str, Any] = {"type": "hello"}
         if self.token:
             hello["token"] = self.token
         if resume:
             hello["resume"] = resume
-        self._ws = ws
-        self._welcomed = asyncio.get_running_loop().create_future()
-        await ws.send(json.dumps(hello))
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read(), name="musetalk-reader")
-        self.welcome = await asyncio.wait_for(asyncio.shield(self._welcomed), self._open_timeout_s)
+        try:
+            await ws.send(json.dumps(hello))
+            async with asyncio.timeout(self._open_timeout_s):
+                while isinstance(raw := await ws.recv(), bytes):
+                    pass
+            reply = parse_server_message(raw)
+        except (websockets.ConnectionClosed, TimeoutError, UnexpectedMessage) as exc:
+            await ws.close()
+            raise ConnectionLost(f"no welcome from {url}: {exc or type(exc).__name__}") from None
+        if isinstance(reply, ErrorMessage):
+            await ws.close()
+            raise ServerError(reply)
+        if not isinstance(reply, Welcome):
+            await ws.close()
+            raise ConnectionLost(f"{url} answered hello with {reply.type!r}, not welcome")
+        return ws, reply
 
     async def _send(self, message: dict[str, Any] | bytes) -> None:
         if self._ws is None:
@@ -155,15 +169,10 @@ class Connection:
             self._lost(reason)
 
     async def _dispatch(self, message: ServerMessage) -> None:
-        if isinstance(message, Welcome):
-            if self._welcomed is not None and not self._welcomed.done():
-                self._welcomed.set_result(message)
-        elif isinstance(message, Pong):
+        if isinstance(message, Pong):
             waiter = self._pongs.pop(str(message.id), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
-        elif isinstance(message, ErrorMessage) and self._welcomed is not None and not self._welcomed.done():
-            self._welcomed.set_exception(ServerError(message))
         elif isinstance(message, Redirect):
             await self._follow(message)
         elif self.request is not None:
@@ -173,22 +182,19 @@ class Connection:
 
     async def _follow(self, redirect: Redirect) -> None:
         """The slot is on another node: move this connection there with the grant."""
-        old = self._ws
         if self.request is not None:
             self.request._event(redirect)
         try:
-            await self._open(socket_url(redirect.url), redirect.grant)
-        except (MuseTalkError, TimeoutError) as exc:
+            ws, welcome = await self._handshake(socket_url(redirect.url), redirect.grant)
+        except MuseTalkError as exc:
             if self.request is not None:
                 self.request._fail(f"could not follow the redirect to {redirect.url}: {exc}")
             return
-        finally:
-            if old is not None and old is not self._ws:
-                await old.close()
+        old, self._ws, self.welcome = self._ws, ws, welcome
+        if old is not None:
+            await old.close()
 
     def _lost(self, reason: str) -> None:
-        if self._welcomed is not None and not self._welcomed.done():
-            self._welcomed.set_exception(ConnectionLost(reason))
         for waiter in self._pongs.values():
             if not waiter.done():
                 waiter.set_exception(ConnectionLost(reason))
@@ -365,6 +371,8 @@ class Request:
             self._event(message)
             await self._close_media()
             self._finish(ServerError(message))
+            return
+        elif isinstance(message, (Welcome, Pong)):
             return
         self._event(message)
 
