@@ -220,8 +220,12 @@ class MuseTalkVideoService(FrameProcessor):
         while True:
             frame = await self._outgoing.get()
             now = time.monotonic()
+            earliest = now - frame.pts_s + self._jitter_s
             if anchor is None or anchor + frame.pts_s < now - 2 * self._jitter_s:
-                anchor = now - frame.pts_s + self._jitter_s  # first frame, or fell far behind: start again
+                anchor = earliest  # the first frame, or far behind: start again from this one
+            else:
+                # Frames that come sooner than the first did (its delivery was slow): catch up.
+                anchor = min(anchor, earliest)
             delay = anchor + frame.pts_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
