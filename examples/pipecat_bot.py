@@ -141,14 +141,14 @@ def build_app(server: str, avatar: str, speech: np.ndarray, token: str | None) -
         )
         avatar_service = MuseTalkVideoService(url=server, avatar=avatar, token=token, transport="webrtc")
 
-        @avatar_service.event_handler("on_queue_position")
+        @avatar_service.event_handler("on_queue_position")  # type: ignore[untyped-decorator]
         async def on_queue_position(_service: MuseTalkVideoService, position: int, eta_s: float | None) -> None:
             print(f"avatar: waiting for a slot, position {position}, eta {eta_s}")
 
         pipeline = Pipeline([transport.input(), SpeechLoop(speech), avatar_service, transport.output()])
         worker = PipelineWorker(pipeline, params=PipelineParams(audio_out_sample_rate=48_000))
 
-        @transport.event_handler("on_client_disconnected")
+        @transport.event_handler("on_client_disconnected")  # type: ignore[untyped-decorator]
         async def on_client_disconnected(_transport: SmallWebRTCTransport, _client: Any) -> None:
             await worker.cancel()
 
@@ -157,7 +157,7 @@ def build_app(server: str, avatar: str, speech: np.ndarray, token: str | None) -
         task = asyncio.create_task(runner.run())
         runners.add(task)
         task.add_done_callback(runners.discard)
-        return JSONResponse(connection.get_answer())
+        return JSONResponse(connection.get_answer())  # type: ignore[no-untyped-call]
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette):  # type: ignore[no-untyped-def]

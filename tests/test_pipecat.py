@@ -103,9 +103,13 @@ async def test_interruption_returns_to_idle_at_once(server: RunningServer) -> No
     assert after and not any(f.metadata[SPEAKING_KEY] for f in after), "no speech is shown after the interruption"
     assert not any(type(f).__name__ == "OutputAudioRawFrame" for f in frames[cut:]), "and none is heard"
     timed = [f for f in after if PTS_KEY in f.metadata]
-    # Idle frames keep coming at 25 fps from the moment of the interruption on the session clock.
+    # Idle frames come from the moment of the interruption on the session clock, in order. The
+    # server drops frames it had not yet encoded, so its timeline may skip up to one segment; the
+    # transport keeps showing the rest image meanwhile.
     assert timed[0].metadata[PTS_KEY] - marks["interrupt_at"] <= 0.2
-    assert np.allclose(np.diff([f.metadata[PTS_KEY] for f in timed]), 0.04, atol=1e-3)
+    steps = np.diff([f.metadata[PTS_KEY] for f in timed])
+    assert steps.min() > 0.039 and steps.max() <= 0.5 + 1e-3
+    assert np.allclose(steps / 0.04, np.round(steps / 0.04), atol=0.03), "on the 25 fps grid"
     # And the server itself stopped talking. Without the interrupt its speech would run on for about
     # 5 s more; with it, only what was already encoded or in flight comes (MSE: the segment being
     # encoded, the one in transit and the service's 0.6 s play-out buffer), shown as the rest image.
