@@ -56,10 +56,13 @@ async def test_three_seconds_of_tts_give_75_lip_synced_frames(server: RunningSer
     pts = np.array([f.metadata[PTS_KEY] for f in images])
     assert np.allclose(np.diff(pts), 0.04, atol=1e-3), "25 fps on the session clock, no frame lost or doubled"
     speaking = [f for f in images if f.metadata[SPEAKING_KEY]]
-    # 3 s of syllables at 25 fps: 75 frames span the speech; pauses inside it are quiet frames.
+    # 3 s of syllables at 25 fps span about 75 frames: 11 syllables of 4 frames every 7 frames, the
+    # pauses between them quiet frames. A TTS frame that reaches the server late (a loaded machine)
+    # stretches the span by the frames shown while waiting for it; the syllables stay whole.
     first, last = speaking[0].metadata[PTS_KEY], speaking[-1].metadata[PTS_KEY]
     span_frames = round((last - first) / 0.04) + 1
-    assert 70 <= span_frames <= 78, span_frames
+    assert 72 <= span_frames <= 85, span_frames
+    assert 40 <= len(speaking) <= 60, len(speaking)  # 4 frames a syllable, 5 when the sound straddles one more
     # Every speaking frame is followed by exactly its own 40 ms of audio.
     audio = run.audio
     assert len(audio) == len(speaking)

@@ -95,7 +95,6 @@ class Connection:
         self._open_timeout_s = open_timeout_s
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pongs: dict[str, asyncio.Future[Pong]] = {}
         self._closing = False
 
     async def __aenter__(self) -> Connection:
@@ -165,15 +164,16 @@ class Connection:
                 await self._dispatch(parse_server_message(raw))
         except UnexpectedMessage as exc:
             reason = str(exc)
+        except Exception as exc:  # a fault here must end the request loudly, not leave it hanging
+            log.exception("the session socket reader failed")
+            reason = f"the client failed: {exc!r}"
         finally:
             self._lost(reason)
 
     async def _dispatch(self, message: ServerMessage) -> None:
         if isinstance(message, Pong):
-            waiter = self._pongs.pop(str(message.id), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(message)
-        elif isinstance(message, Redirect):
+            return
+        if isinstance(message, Redirect):
             await self._follow(message)
         elif self.request is not None:
             await self.request._message(message)
@@ -195,9 +195,6 @@ class Connection:
             await old.close()
 
     def _lost(self, reason: str) -> None:
-        for waiter in self._pongs.values():
-            if not waiter.done():
-                waiter.set_exception(ConnectionLost(reason))
         if self.request is not None and not self._closing:
             self.request._fail(reason)
 
@@ -242,13 +239,6 @@ class Connection:
         if self._ws is None:
             raise ConnectionLost("the connection is closed")
         self.request = request
-
-    async def ping(self, timeout_s: float = 10.0) -> None:
-        key = f"sdk-{id(object())}"
-        waiter = asyncio.get_running_loop().create_future()
-        self._pongs[key] = waiter
-        await self._send({"type": "ping", "id": key})
-        await asyncio.wait_for(waiter, timeout_s)
 
     async def close(self) -> None:
         self._closing = True
@@ -332,6 +322,8 @@ class Request:
             self._events.put_nowait(event)
 
     def _media_bytes(self, data: bytes) -> None:
+        if self.stream is None or self.finished:
+            return  # media follows this request's own ``stream``; anything else is a late stray
         if self.fmp4 is not None:
             self.fmp4 += data
         if self._decoder is not None:

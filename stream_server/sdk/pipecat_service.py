@@ -88,6 +88,7 @@ class MuseTalkVideoService(FrameProcessor):
         self._aligner = AvAligner()
         self._resampler: AudioResampler | None = None
         self._resampler_key: tuple[int, int] | None = None
+        self._early_speech: list[bytes] = []
         self._rest_image: np.ndarray | None = None
         self._resting = False
         self._interrupted_at: float | None = None
@@ -125,8 +126,7 @@ class MuseTalkVideoService(FrameProcessor):
             await self.push_frame(frame, direction)
 
     async def _send_speech(self, frame: TTSAudioRawFrame) -> None:
-        live = self._live
-        if live is None or live.finished:
+        if self._ending:
             return
         self._resting = False
         key = (frame.sample_rate, frame.num_channels)
@@ -137,7 +137,10 @@ class MuseTalkVideoService(FrameProcessor):
         source = AudioFrame.from_ndarray(samples, format="s16", layout="mono" if frame.num_channels == 1 else "stereo")
         source.sample_rate = frame.sample_rate
         pcm = b"".join(out.to_ndarray().tobytes() for out in self._resampler.resample(source))
-        await self._quietly(live.send_audio(pcm))
+        if self._live is None:
+            self._early_speech.append(pcm)  # the session is still being opened
+        else:
+            await self._quietly(self._live.send_audio(pcm))
 
     async def _interrupt(self) -> None:
         self._resting = True
@@ -160,6 +163,9 @@ class MuseTalkVideoService(FrameProcessor):
         try:
             self._connection = await connect(self._url, token=self._token)
             self._live = await self._connection.live(avatar=self._avatar, transport=self._transport)
+            early, self._early_speech = self._early_speech, []
+            for pcm in early:
+                await self._live.send_audio(pcm)
             await self._push_still()
             watchdog = self.create_task(self._queue_watchdog(self._live), "musetalk-queue-timeout")
             try:
