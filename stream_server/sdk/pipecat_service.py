@@ -84,7 +84,7 @@ class MuseTalkVideoService(FrameProcessor):
         self._live: LiveSession | None = None
         self._session_task: asyncio.Task[None] | None = None
         self._pacer_task: asyncio.Task[None] | None = None
-        self._outgoing: asyncio.Queue[SyncedFrame] = asyncio.Queue()
+        self._outgoing: asyncio.Queue[tuple[float, SyncedFrame]] = asyncio.Queue()
         self._aligner = AvAligner()
         self._resampler: AudioResampler | None = None
         self._resampler_key: tuple[int, int] | None = None
@@ -184,8 +184,9 @@ class MuseTalkVideoService(FrameProcessor):
     async def _consume(self, live: LiveSession) -> None:
         async for event in live:
             if isinstance(event, (VideoFrame, AudioChunk)):
+                arrived = time.monotonic()
                 for synced in self._aligner.add(event):
-                    self._outgoing.put_nowait(synced)
+                    self._outgoing.put_nowait((arrived, synced))
             elif isinstance(event, Queued):
                 await self._call_event_handler("on_queue_position", event.position, event.eta_s)
                 await self._push_still()
@@ -224,10 +225,9 @@ class MuseTalkVideoService(FrameProcessor):
         """Push frames when they are due: session time ``pts`` plays at ``anchor + pts``."""
         anchor: float | None = None
         while True:
-            frame = await self._outgoing.get()
-            now = time.monotonic()
-            earliest = now - frame.pts_s + self._jitter_s
-            if anchor is None or anchor + frame.pts_s < now - 2 * self._jitter_s:
+            arrived, frame = await self._outgoing.get()
+            earliest = arrived - frame.pts_s + self._jitter_s
+            if anchor is None or anchor + frame.pts_s < time.monotonic() - 2 * self._jitter_s:
                 anchor = earliest  # the first frame, or far behind: start again from this one
             else:
                 # Frames that come sooner than the first did (its delivery was slow): catch up.
