@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from inference.avatar_store import DEFAULT_AVATAR_ID, AvatarStore
 
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.lite import LiteRenderer
 from inference.stream import StreamMode
 from inference.worker import FrameWorker

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from inference.avatar_store import DEFAULT_AVATAR_ID, AvatarStore
 
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.engine import Frame, PreparedAvatar
 from inference.lite import LiteRenderer
 from inference.stream import EngineStream, StreamMode, StreamState
