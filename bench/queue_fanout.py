@@ -4,9 +4,12 @@ One slot, held by a live session. N clients join (clip mode, each with its own t
 cancels the session holding the slot: the next client is granted and every other client must hear
 its new position. Reported: the time from the cancel to each client's new position (p50, p99, max
 over all clients and rounds), the server's memory per waiting client (RSS growth / N), and the
-server's event-loop lag while it happens.
+server's event-loop lag while it happens. With ``--upload-s S`` each waiting client first sends an
+S-second WAV clip and ``audio_end``: the memory per waiting client then includes its upload, which
+the server keeps as received (on disk beyond ``limits.audio_spool_bytes``) until the grant.
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
+    python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
 """
 
 from __future__ import annotations
@@ -25,17 +28,18 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from bench.common import lag_buckets, lag_p99_between, metric, percentile
-from tests.server_harness import RunningServer, mint, run_server
+from tests.server_harness import RunningServer, mint, run_server, tone_wav
 
 
 class Waiter(asyncio.Protocol):
     """A lean websocket client (websockets' sans-I/O protocol on a bare asyncio transport): with a
     thousand clients on the same two cores as the server, a heavier client would measure itself."""
 
-    def __init__(self, uri: str, hello: dict[str, object], start: dict[str, object]) -> None:
+    def __init__(self, uri: str, hello: dict[str, object], start: dict[str, object], upload: bytes | None) -> None:
         self.ws = ClientProtocol(parse_uri(uri), max_size=None)
         self.transport: asyncio.Transport | None = None
         self.opening = [hello, start]
+        self.upload = upload
         self.position: int | None = None
         self.changed_at = 0.0
         self.granted_at: float | None = None
@@ -54,6 +58,9 @@ class Waiter(asyncio.Protocol):
             if isinstance(event, Response):
                 for message in self.opening:
                     self.send(message)
+                if self.upload is not None:
+                    self.ws.send_binary(self.upload)
+                    self.send({"type": "audio_end"})
             elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
                 self._on_message(json.loads(event.data), now)
         self._flush()
@@ -83,17 +90,18 @@ class Waiter(asyncio.Protocol):
             self.transport.close()
 
 
-async def open_waiter(server: RunningServer, sub: str) -> Waiter:
+async def open_waiter(server: RunningServer, sub: str, upload: bytes | None = None) -> Waiter:
     hello = {"type": "hello", "token": mint(sub, "normal")}
     start = {"type": "start", "avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
     host, port = server.url.removeprefix("http://").split(":")
     _, waiter = await asyncio.get_running_loop().create_connection(
-        lambda: Waiter(server.ws_url, hello, start), host, int(port)
+        lambda: Waiter(server.ws_url, hello, start, upload), host, int(port)
     )
     return waiter
 
 
-async def run(clients: int, rounds: int) -> dict[str, object]:
+async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> dict[str, object]:
+    upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, run_server(
         Path(tmp),
         MTS_ENGINE__SLOTS="1",
@@ -109,11 +117,16 @@ async def run(clients: int, rounds: int) -> dict[str, object]:
         rss_before = proc.memory_info().rss
         waiters: list[Waiter] = []
         for i in range(clients):
-            waiters.append(await open_waiter(server, f"user-{i}"))
+            waiters.append(await open_waiter(server, f"user-{i}", upload))
         while any(w.position is None for w in waiters):
             await asyncio.sleep(0.1)
+        if upload is not None:
+            while metric(server, "mts_queued_audio_bytes") < clients * len(upload):
+                await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         rss_after = proc.memory_info().rss
+        await asyncio.sleep(settle_s)
+        rss_settled = proc.memory_info().rss
         lag_joining = metric(server, "mts_event_loop_lag_p99_seconds")
         buckets_before = lag_buckets(server)
 
@@ -145,7 +158,10 @@ async def run(clients: int, rounds: int) -> dict[str, object]:
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "max_ms": 1000 * max(latencies),
+            "upload_bytes_per_client": len(upload) if upload is not None else 0,
             "kb_per_client": (rss_after - rss_before) / clients / 1024,
+            "kb_per_client_settled": (rss_settled - rss_before) / clients / 1024,
+            "settle_s": 1.0 + settle_s,
             "round_max_ms": [round(1000 * m, 1) for m in round_max],
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
             "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_p99_between(buckets_before, lag_buckets(server)),
@@ -159,8 +175,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--upload-s", type=float, default=0.0, help="each waiting client sends a clip this long")
+    parser.add_argument("--settle-s", type=float, default=15.0,
+                        help="measure memory again this much later (allocators give freed memory back with a delay)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

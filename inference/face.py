@@ -111,8 +111,8 @@ class FaceDetector:
                     maxSize=(max_size, max_size) if max_size else (0, 0),
                 )
             if len(boxes):
-                boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
-                return np.concatenate([boxes, np.asarray(counts, np.int64).reshape(-1, 1)], axis=1)
+                rows = np.asarray(boxes, np.int64).reshape(-1, 4)
+                return np.concatenate([rows, np.asarray(counts, np.int64).reshape(-1, 1)], axis=1)
         return np.zeros((0, 5), np.int64)
 
     def detect(self, gray: np.ndarray, near: FaceBox | None = None) -> FaceBox | None:
@@ -160,7 +160,10 @@ def pick(rows: np.ndarray, centre: tuple[float, float] | None) -> np.ndarray:
     best: a weak hit is usually a false one), then the largest, or with ``centre`` the nearest."""
     confident = rows[rows[:, 4] * 2 >= rows[:, 4].max()]
     if centre is None:
-        return confident[int(np.argmax(confident[:, 2] * confident[:, 3]))]
-    cx = confident[:, 0] + confident[:, 2] / 2 - centre[0]
-    cy = confident[:, 1] + confident[:, 3] / 2 - centre[1]
-    return confident[int(np.argmin(np.hypot(cx, cy)))]
+        best = int(np.argmax(confident[:, 2] * confident[:, 3]))
+    else:
+        cx = confident[:, 0] + confident[:, 2] / 2 - centre[0]
+        cy = confident[:, 1] + confident[:, 3] / 2 - centre[1]
+        best = int(np.argmin(np.hypot(cx, cy)))
+    row: np.ndarray = confident[best]
+    return row

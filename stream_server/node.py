@@ -28,6 +28,7 @@ from stream_server.session.serving import Serving
 from stream_server.session.session import Session, SessionServices
 from stream_server.settings import TIER_NAMES, Settings
 from stream_server.templates import TemplateLibrary
+from stream_server.upload_budget import UploadBudget
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 50, 100)
@@ -88,6 +89,8 @@ class Node:
         self.templates = TemplateLibrary.load(Path(settings.templates.file) if settings.templates.file else None)
         self.preparer: AvatarPreparer | None = None
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
+        self.upload_budget = UploadBudget(settings.limits.queued_audio_bytes, settings.queue.retry_after_s)
+        self.metrics.watch_upload_budget(self.upload_budget)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
         self.ready = False
@@ -117,7 +120,8 @@ class Node:
         pregen = None
         if self.settings.templates.pregen_top_k > 0:
             pregen = BackgroundPregen(
-                self.settings, engine, self.clips, self.templates, self.admission, serving, self.metrics
+                self.settings, engine, self.clips, self.templates, self.admission, serving, self.metrics,
+                self.upload_budget,
             )
         self._services = SessionServices(
             settings=self.settings,
@@ -129,6 +133,7 @@ class Node:
             start_limiter=self.start_limiter,
             templates=self.templates,
             yield_background=pregen.yield_to_users if pregen is not None else _no_background_work,
+            upload_budget=self.upload_budget,
         )
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.

@@ -27,6 +27,7 @@ from stream_server.session.serving import Serving
 from stream_server.settings import Settings
 from stream_server.templates import Template, TemplateLibrary
 from stream_server.transports.mse import MseSender
+from stream_server.upload_budget import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class BackgroundPregen:
         admission: Admission[RequestOwner],
         serving: Serving,
         metrics: Metrics,
+        upload_budget: UploadBudget,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -56,6 +58,7 @@ class BackgroundPregen:
         self.admission = admission
         self.serving = serving
         self.metrics = metrics
+        self.upload_budget = upload_budget
         self.top_k = settings.templates.pregen_top_k
         self._stream: EngineStream | None = None
         self._yielded = False
@@ -94,6 +97,7 @@ class BackgroundPregen:
                 key = await self.serving.clip_key_for(avatar_id, audio.digest, audio.spec.model_dump())
                 if not await asyncio.to_thread(self.clips.exists, key):
                     return avatar_id, template, audio, key
+                audio.close()
         return None
 
     async def _audio(self, template: Template) -> AudioInput:
@@ -103,32 +107,35 @@ class BackgroundPregen:
             live=False,
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
+            budget=self.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
         )
         await audio.add(await asyncio.to_thread(template.read_audio))
+        await audio.end()
         return audio
 
     async def _render(self, avatar_id: str, template: Template, audio: AudioInput, key: str) -> None:
-        joins = self._joins
-        avatar = await asyncio.to_thread(self.engine.avatars.get, avatar_id)
-        pcm = await audio.end()
+        try:
+            joins = self._joins
+            avatar = await asyncio.to_thread(self.engine.avatars.get, avatar_id)
+            decoded = await audio.grant()
+        finally:
+            audio.close()
         if avatar is None or not await self._idle() or self._joins != joins:
             return
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
         stream = self.engine.open_stream(
-            avatar,
-            StreamMode.CLIP,
-            buffer_frames=self.settings.engine.stream_buffer_frames,
-            on_output=lambda: loop.call_soon_threadsafe(ready.set),
+            avatar, StreamMode.CLIP, buffer_frames=self.settings.engine.stream_buffer_frames
         )
         self._stream, self._yielded = stream, False
         self.metrics.pregen_active.set(1)
-        stream.feed(*pcm)
-        stream.end_audio()
+        for pcm in decoded:
+            if pcm is None:
+                stream.end_audio()
+            else:
+                stream.feed(*pcm)
         sender = MseSender(
             stream,
             Outbox(_discard, coalesce_s=self.settings.queue.coalesce_s),
-            ready,
             self.settings.stream,
             open_clip=lambda: self.clips.writer(key, avatar_id),
         )

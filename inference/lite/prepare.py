@@ -180,7 +180,8 @@ def frames_without_face(boxes: np.ndarray, is_key: np.ndarray) -> np.ndarray:
     """Per frame, whether its nearest key frame had no face (its box was filled in from others)."""
     keys = np.flatnonzero(is_key)
     nearest = keys[np.argmin(np.abs(np.arange(len(boxes))[:, None] - keys[None, :]), axis=1)]
-    return np.isnan(boxes[nearest, 0])
+    missing: np.ndarray = np.isnan(boxes[nearest, 0])
+    return missing
 
 
 def fill_boxes(boxes: np.ndarray) -> np.ndarray:

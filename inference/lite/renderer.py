@@ -133,7 +133,7 @@ class LiteRenderer(Renderer):
             raise TypeError(f"the lite renderer cannot draw a {type(avatar).__name__}")
         k = avatar.frame_index(cycle_index)
         frame = avatar.frames[k]
-        out = frame.copy()
+        out: np.ndarray = frame.copy()
         if features is None or not math.isfinite(features.open) or features.open < REST_OPENNESS:
             return out
         openness = min(1.0, float(features.open))

@@ -47,7 +47,7 @@ def read_frames(source: str | Path, max_frames: int = 750) -> np.ndarray:
             raise ValueError(f"cannot decode the image {path}")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)[None]
     capture = cv2.VideoCapture(str(path))
-    frames = []
+    frames: list[np.ndarray] = []
     try:
         while len(frames) < max_frames:
             ok, frame = capture.read()

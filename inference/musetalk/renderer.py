@@ -229,8 +229,8 @@ class MuseTalkRenderer(Renderer):
             image = m.taesd.decode(pred).sample
         else:
             image = m.vae.decode(pred / m.vae_scaling).sample
-        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1)
+        faces: torch.Tensor = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return faces.permute(0, 2, 3, 1)
 
     def render(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         avatars = [_musetalk_avatar(r.avatar) for r in requests]

@@ -22,3 +22,7 @@ class TicketOwner(ABC):
     @abstractmethod
     def granted(self, grant: Grant) -> bool:
         """The ticket was granted a slot; False if the owner can no longer use it."""
+
+    @abstractmethod
+    def forgotten(self) -> None:
+        """The detached ticket's resume grace is over: it is gone for good (free what it holds)."""

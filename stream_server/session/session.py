@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
+from inference.engine import FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull
 from stream_server.admission.store import Grant
-from stream_server.audio_input import AudioInput, Pcm
+from stream_server.audio_input import AudioInput
 from stream_server.auth import Authenticator, Identity
 from stream_server.dispatcher import Dispatcher
 from stream_server.outbox import Outbox
@@ -47,6 +47,7 @@ from stream_server.session.serving import CachedClip, Serving
 from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
 from stream_server.templates import Template, TemplateLibrary
+from stream_server.upload_budget import UploadBudget
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class SessionServices:
     templates: TemplateLibrary
     yield_background: Callable[[], None]
     """Stop background work (pre-generation) before a user's ticket joins."""
+    upload_budget: UploadBudget
 
 
 class Session:
@@ -102,7 +104,7 @@ class Session:
             self.machine.check(Event.CANCEL)
             await self.cancel()
         elif isinstance(message, Interrupt):
-            self._interrupt()
+            await self._interrupt()
         elif isinstance(message, WebrtcOffer):
             self._offer(message)
 
@@ -112,6 +114,8 @@ class Session:
         assert request is not None
         if request.start.template is not None:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "a template request takes no audio: the template is its audio")
+        if request.audio.complete:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary audio after audio_end: the clip's audio is complete")
         try:
             pcm = await request.audio.add(data)
         except ProtocolError:
@@ -172,6 +176,7 @@ class Session:
         self.machine.check(Event.START)
         assert self.identity is not None
         services = self.services
+        services.auth.ensure_current(self.identity)
         wait = services.start_limiter.allow(self.identity.key, time.monotonic())
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many start messages", retry_after_s=wait)
@@ -187,22 +192,29 @@ class Session:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
             spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
         limits = services.settings.limits
+        services.upload_budget.check_room()
         audio = AudioInput(
             spec,
             live=message.mode == "live",
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
+            budget=services.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
         )
         self._requests += 1
         request = Request(f"{self.id}:{self._requests}", message, audio)
         hot = services.engine.hot.record(message.avatar) > services.engine.hot.hot_after
-        template_pcm: Pcm | None = None
-        if template is not None:
-            await audio.add(await asyncio.to_thread(template.read_audio))
-            template_pcm = await audio.end()
-            request.frames_total = len(template_pcm[0]) // FEATURE_SAMPLES_PER_FRAME
+        if template is not None:  # its audio is kept (and validated) now, decoded at the grant
+            try:
+                await audio.add(await asyncio.to_thread(template.read_audio))
+                await audio.end()
+            except ProtocolError:
+                audio.close()
+                raise
+            request.frames_total = audio.frames
             cached = await services.serving.find_cached(request)
             if cached is not None:  # rendered before: answered now, never queued
+                audio.close()
                 await services.serving.replay(cached, self.outbox)
                 return
         owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant)
@@ -213,14 +225,13 @@ class Session:
                 hot=hot,
             )
         except QueueFull as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
         except IdentityBusy as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
-        if template_pcm is not None:
-            request.deliver(template_pcm)
-            request.deliver(None)
 
     def _template(self, message: Start) -> Template | None:
         """The template a ``start`` names (clip mode, no audio of its own), or ``None``."""
@@ -238,7 +249,7 @@ class Session:
         self.machine.check(Event.AUDIO_END)
         request = self.request
         assert request is not None
-        if not request.live and request.frames_total is not None:
+        if not request.live and request.audio.complete:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end was already sent for this clip")
         try:
             pcm = await request.audio.end()
@@ -248,8 +259,7 @@ class Session:
         if request is not self.request:
             return
         if not request.live:
-            features, _ = pcm
-            request.frames_total = len(features) // FEATURE_SAMPLES_PER_FRAME
+            request.frames_total = request.audio.frames
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
@@ -257,8 +267,9 @@ class Session:
             if cached is not None and request is self.request:
                 await self._replay(request, cached)
                 return
-        request.deliver(pcm)
-        request.deliver(None)
+        if pcm is not None:
+            request.deliver(pcm)
+            request.deliver(None)
 
     async def _replay(self, request: Request, clip: CachedClip) -> None:
         """The same clip was made before: give back the queue place or the slot (nothing has been
@@ -270,6 +281,7 @@ class Session:
             await self.services.admission.leave(request.ticket_id)
         elif request.task is not None:
             await self._stop_serving(request)
+        request.audio.close()
         await self.services.serving.replay(clip, self.outbox)
         request.status = RequestStatus.FINISHED
 
@@ -281,13 +293,13 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "this request takes no (further) WebRTC offer")
         request.offer.set_result((message.sdp, message.id))
 
-    def _interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         self.machine.check(Event.INTERRUPT)
         request = self.request
         assert request is not None
         if not request.live:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "interrupt applies to a live session")
-        request.pending.clear()
+        await request.audio.interrupt()
         if request.stream is not None:
             request.stream.interrupt()
         if request.rtc is not None:
@@ -314,6 +326,7 @@ class Session:
         try:
             status = await self.services.serving.serve(request, self.outbox)
         finally:
+            request.audio.close()
             request.status = status
             if self.request is request:
                 self.request = None
@@ -335,6 +348,7 @@ class Session:
             await self._drop_request(request)
 
     async def _drop_request(self, request: Request) -> None:
+        request.audio.close()
         if self.request is request:
             self.request = None
             self.machine.apply(Event.END)
