@@ -11,7 +11,8 @@ The rules, in the order the worker applies them:
   without the model. Mid-utterance (audio received, its look-ahead not yet) that frame may be
   ``mid_utterance_grace_s`` late first, so jitter in the incoming audio does not shut the mouth;
 * speech frames go earliest deadline first across all streams, frame by frame, up to
-  ``max_batch``. A stream gets no more than the room left in its output buffer (a stalled consumer
+  ``max_batch``; a ``background`` stream (pre-generation) gets frames only in a round where no
+  other stream has one to render, so a user's frames never share a batch with it. A stream gets no more than the room left in its output buffer (a stalled consumer
   stalls only its own stream), and a live stream no more than its lead horizon: frames due within
   ``live_lead_s`` from now;
 * when nothing is rendered, the worker may sleep until the next live stream's frame could become
@@ -58,6 +59,8 @@ class FrameScheduler:
         finish = tuple(i for i, s in enumerate(streams) if self.clip_complete(s))
         idle = tuple(i for i, s in enumerate(streams) if self.idle_due(s, now))
         ready = {i: n for i, s in enumerate(streams) if (n := self.speech_ready(s, now)) > 0}
+        if any(not streams[i].background for i in ready):
+            ready = {i: n for i, n in ready.items() if not streams[i].background}
         render = self._earliest_deadline_first(streams, ready)
         if render:
             return SchedulePlan(finish, idle, render, 0.0)

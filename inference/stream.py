@@ -60,6 +60,9 @@ class StreamSnapshot:
     in_flight: int
     started_at: float
     live_lead_s: float
+    background: bool = False
+    """Lowest priority (pre-generation): rendered only in rounds where no other stream has a
+    speech frame to render."""
 
 
 class EngineStream:
@@ -78,9 +81,11 @@ class EngineStream:
         buffer_frames: int = 50,
         live_lead_s: float = 0.2,
         on_output: Callable[[], None] | None = None,
+        background: bool = False,
     ) -> None:
         self.avatar = avatar
         self.mode = mode
+        self.background = background
         self.buffer_frames = buffer_frames
         self.live_lead_s = live_lead_s
         self._featurizer = featurizer
@@ -209,6 +214,7 @@ class EngineStream:
                 in_flight=self._in_flight,
                 started_at=self.started_at,
                 live_lead_s=self.live_lead_s,
+                background=self.background,
             )
 
     def take_features(self, count: int) -> list[tuple[int, Any]]:

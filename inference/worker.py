@@ -92,7 +92,9 @@ class FrameWorker:
         *,
         buffer_frames: int = 50,
         on_output: Callable[[], None] | None = None,
+        background: bool = False,
     ) -> EngineStream:
+        """``background``: the lowest priority (see ``StreamSnapshot.background``)."""
         stream = EngineStream(
             avatar,
             self.renderer.new_featurizer(mode.value),
@@ -100,6 +102,7 @@ class FrameWorker:
             wake_worker=self._wake.set,
             buffer_frames=buffer_frames,
             on_output=on_output,
+            background=background,
         )
         with self._lock:
             self._streams.append(stream)

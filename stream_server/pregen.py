@@ -2,10 +2,11 @@
 node is idle, so their users' template requests are answered from the clip store at once.
 
 It runs only while no ticket waits and no slot is busy, holds no admission slot, and yields at
-once to real users: a joining user calls ``yield_to_users`` before its ticket exists, which
-cancels the pre-generation stream, so the worker leaves it out of every batch it plans from then
-on (at most the batch already rendering holds its frames). Nothing it had rendered of that phrase
-is kept; it is tried again at the next idle time.
+once to real users, twice over: its engine stream is a ``background`` one, which the frame
+scheduler leaves out of any round where a user's stream has a frame to render (so the two never
+share a batch), and a joining user calls ``yield_to_users`` before its ticket exists, which
+cancels it. Nothing it had rendered of that phrase is kept; it is tried again at the next idle
+time.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class BackgroundPregen:
         if avatar is None or not await self._idle() or self._joins != joins:
             return
         stream = self.engine.open_stream(
-            avatar, StreamMode.CLIP, buffer_frames=self.settings.engine.stream_buffer_frames
+            avatar, StreamMode.CLIP, buffer_frames=self.settings.engine.stream_buffer_frames, background=True
         )
         self._stream, self._yielded = stream, False
         self.metrics.pregen_active.set(1)

@@ -31,6 +31,7 @@ def snap(
     ended: bool = False,
     running: bool = True,
     in_flight: int = 0,
+    background: bool = False,
 ) -> StreamSnapshot:
     return StreamSnapshot(
         mode=mode,
@@ -43,6 +44,7 @@ def snap(
         in_flight=in_flight,
         started_at=started_at,
         live_lead_s=0.2,
+        background=background,
     )
 
 
@@ -158,3 +160,14 @@ def test_sleep_until_the_earliest_live_event() -> None:
     assert rounded(scheduler.schedule(streams, now=0.86)) == SchedulePlan(render={1: 1})
     # nothing timed: the worker waits for a wake-up, with a long safety timeout
     assert rounded(scheduler.schedule([snap(CLIP)], now=0.0)) == SchedulePlan(sleep_s=UNTIMED_SLEEP_S)
+
+
+def test_a_background_stream_never_shares_a_batch_with_a_user() -> None:
+    scheduler = FrameScheduler(max_batch=8)
+    pregen = snap(ready=20, started_at=0.0, background=True)  # earlier deadlines than the user's
+    user = snap(ready=3, started_at=5.0)
+    plan = scheduler.schedule([pregen, user], now=5.0)
+    assert dict(plan.render) == {1: 3}  # the batch has room, but none of it goes to the background
+    assert dict(scheduler.schedule([pregen, snap(ready=0, started_at=5.0)], now=5.0).render) == {0: 8}
+    live = snap(LIVE, ready=0, started_at=5.0)  # a user's live stream at rest does not hold it back
+    assert dict(scheduler.schedule([pregen, live], now=5.0).render) == {0: 8}
