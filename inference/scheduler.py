@@ -13,8 +13,8 @@ The rules, in the order the worker applies them:
 * speech frames go earliest deadline first across all streams, frame by frame, up to
   ``max_batch``; a ``background`` stream (pre-generation) gets frames only in a round where no
   other stream has one to render, so a user's frames never share a batch with it. A stream gets
-  no more than the room left in its output buffer (a stalled consumer stalls only its own stream), and a live stream no more than its lead horizon: frames due within
-  ``live_lead_s`` from now;
+  no more than the room left in its output buffer (a stalled consumer stalls only its own stream),
+  and a live stream no more than its lead horizon: frames due within ``live_lead_s`` from now;
 * when nothing is rendered, the worker may sleep until the next live stream's frame could become
   due (an idle frame or its horizon opening). Inputs and consumers wake it earlier.
 """
