@@ -101,7 +101,7 @@ async function loadAvatars() {
       try {
         await client.deleteAvatar(a.id);
       } catch (err) {
-        message("error", "admin.refused", err.code, err.message);
+        message("error", "admin.refused", err.code, err.message.replace(`${err.code}: `, ""));
       }
       await loadAvatars();
     });
@@ -131,7 +131,7 @@ async function upload(e) {
   } catch (err) {
     bar.hidden = true;
     text.textContent = err.code === "avatar_failed" ? t("admin.avatar.failed", err.detail?.reason || err.message)
-      : t("admin.refused", err.code, err.message);
+      : t("admin.refused", err.code, err.message.replace(`${err.code}: `, ""));
   }
   await loadAvatars();
 }
