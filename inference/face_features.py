@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from inference.face import FaceBox
+from inference.redness import red_window
 
 PROPORTION_NOSE = 0.53  # MuseTalk's nose landmark (29) in a Haar box, as a fraction of its height
 PROPORTION_CHIN = 1.05  # MuseTalk's lowest landmark in a Haar box
@@ -66,13 +67,10 @@ def find_lips(rgb: np.ndarray, face: FaceBox) -> tuple[float, float] | None:
     y0, y1 = max(0, int(y + 0.6 * h)), min(H, int(y + 1.0 * h))
     if x1 - x0 < 8 or y1 - y0 < 8:
         return None
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2LAB)
-    redness = cv2.GaussianBlur(lab[..., 1].astype(np.float32), (3, 3), 0)
-    ref = float(np.median(redness))
-    spread = float(np.percentile(redness, 98)) - ref
-    if spread < 4.0:
+    window = red_window(rgb, x0, y0, x1, y1, top_percentile=98)
+    if window.spread < 4.0:
         return None
-    mask = (redness > ref + 0.5 * spread).astype(np.uint8)
+    mask = window.mask(0.5 * window.spread)
     count, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     ex, ey = x + 0.5 * w - x0, y + LIP_LINE * h - y0
     candidates = [

@@ -107,6 +107,26 @@ async def test_the_client_gets_exactly_the_fmp4_of_the_streams_frames(
     assert [m["frames"] for m in progress] == sorted(m["frames"] for m in progress)
 
 
+async def test_segments_leave_one_by_one_when_the_renderer_is_ahead(
+    worker: FrameWorker, avatar: PreparedAvatar
+) -> None:
+    """The lite renderer fills the stream's buffer (50 frames) long before the encoder catches
+    up: the client still gets each segment as it is cut, not the whole buffer's in one burst."""
+    socket = Socket()
+    outbox = Outbox(socket.send, coalesce_s=0.0)
+    stream = worker.open_stream(avatar, StreamMode.CLIP)
+    speak(stream, 4.0)
+    await asyncio.to_thread(time.sleep, 0.5)  # the renderer runs ahead and fills the buffer
+    assert stream.buffered == 50
+    result = await MseSender(stream, outbox, StreamSettings(), total_frames=lambda: 100).run()
+    await outbox.drained()
+    assert result.state is StreamState.FINISHED and result.frames == 100
+    first_progress = socket.messages("progress")[0]["frames"]
+    assert first_progress <= 16, f"the first {first_progress} frames reached the client in one hand-over"
+    media = [i for i in socket.items if isinstance(i, bytes)]
+    assert len(media) >= 1 + 100 // 12  # the init segment, then one message per segment
+
+
 async def test_the_encoder_takes_frames_while_the_event_loop_is_busy(
     worker: FrameWorker, avatar: PreparedAvatar
 ) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from inference.redness import red_window
+
 SEARCH_X = 0.4  # search window around the stored mouth, in face widths
 SEARCH_UP = 0.12
 SEARCH_DOWN = 0.14
@@ -47,13 +49,11 @@ def find_lips(rgb: np.ndarray, mouth: np.ndarray, face_width: float) -> Lips | N
     y0, y1 = max(0, int(cy - SEARCH_UP * F)), min(H, int(cy + SEARCH_DOWN * F) + 1)
     if x1 - x0 < 8 or y1 - y0 < 6:
         return None
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2LAB)
-    red_level = cv2.GaussianBlur(lab[..., 1].astype(np.float32), (3, 3), 0)
-    skin = float(np.median(red_level))
-    spread = float(np.percentile(red_level, 98)) - skin
-    if spread < MIN_SPREAD:
+    window = red_window(rgb, x0, y0, x1, y1, top_percentile=98)
+    if window.spread < MIN_SPREAD:
         return None
-    red = (red_level > skin + max(MIN_SPREAD, 0.4 * spread)).astype(np.uint8)
+    lab = window.lab
+    red = window.mask(max(MIN_SPREAD, 0.4 * window.spread))
     lips = _lip_parts(red, cx - x0, cy - y0, F)
     if lips is None:
         return None

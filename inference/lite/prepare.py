@@ -31,6 +31,7 @@ from inference import face as face_detection
 from inference.avatars.jobs import Progress
 from inference.engine import FPS
 from inference.face import FaceFinder, FaceReport, default_detector
+from inference.redness import red_window
 
 FORMAT_VERSION = 1
 DETECT_SIZE = 320  # long side of the image the face detector sees
@@ -230,13 +231,11 @@ def locate_mouth(rgb: np.ndarray, face: np.ndarray) -> tuple[float, float, float
     y0, y1 = max(0, int(y + 0.6 * h)), min(H, int(y + 1.0 * h))
     if x1 - x0 < 12 or y1 - y0 < 8:
         return None
-    lab = cv2.cvtColor(np.ascontiguousarray(rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2LAB)
-    a = cv2.GaussianBlur(lab[..., 1].astype(np.float32), (3, 3), 0)
-    ref = float(np.median(a))
-    spread = float(np.percentile(a, 97)) - ref
-    if spread < 4.0:
+    window = red_window(rgb, x0, y0, x1, y1, top_percentile=97)
+    if window.spread < 4.0:
         return None
-    mask = (a > ref + max(4.0, 0.45 * spread)).astype(np.uint8)
+    lab = window.lab
+    mask = window.mask(max(4.0, 0.45 * window.spread))
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     ex, ey = x + 0.5 * w - x0, y + 0.8 * h - y0  # expected centre, patch coordinates
     keep = [

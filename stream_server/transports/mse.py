@@ -32,6 +32,10 @@ from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_FRAMES = FPS // 2
+ENCODE_BATCH_FRAMES = 4
+"""Frames the encoder takes at a time: a segment leaves as soon as its last frame is encoded,
+even when the renderer is far ahead (taking the whole buffer delayed the first segment until
+every buffered frame was encoded)."""
 
 
 @dataclass
@@ -180,10 +184,11 @@ class MseSender:
         writer = _SegmentWriter(muxer, self.open_clip)
         try:
             unsent = 0
-            while frames := self.stream.wait_frames():
+            while frames := self.stream.wait_frames(ENCODE_BATCH_FRAMES):
                 segments = writer.keep(muxer.encode(frames))
                 unsent += len(frames)
-                if segments or unsent >= PROGRESS_EVERY_FRAMES:
+                # progress only once the client has heard ``stream``: it comes with the first segment
+                if segments or (unsent >= PROGRESS_EVERY_FRAMES and writer.started):
                     self._hand_over(loop, writer.batch(segments, unsent))
                     unsent = 0
             if self.stream.state is not StreamState.FINISHED:
@@ -226,6 +231,10 @@ class _SegmentWriter:
         self._started = False
         self._init_owed = True
         self._committed = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     def keep(self, segments: list[bytes]) -> list[bytes]:
         if segments and not self._started:
