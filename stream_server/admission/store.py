@@ -22,6 +22,19 @@ class Grant:
     granted_at: float
     queue_size: int
     """Tickets still waiting once this one was granted."""
+    node: str = ""
+    """The node whose slot was reserved ("" on a single node)."""
+    owner_node: str = ""
+    """The node that holds the ticket's client ("" on a single node)."""
+    handoff: str = ""
+    """When ``node`` is not ``owner_node``: the id of the single-use grant that the client
+    presents there (``hello{resume: grant}``); the slot returns if it is not used in time."""
+    node_url: str = ""
+    """Where clients reach ``node`` (its advertised ``cluster.public_url``)."""
+
+    @property
+    def remote(self) -> bool:
+        return self.node != self.owner_node
 
     @property
     def waited_s(self) -> float:
@@ -47,6 +60,8 @@ class NewTicket:
     avatar: str
     joined_at: float
     key: float
+    resume_key: str = ""
+    """What a resume names the ticket's owner by: a shared store lets any node find it."""
 
 
 class AdmissionStore(ABC):
@@ -93,3 +108,13 @@ class AdmissionStore(ABC):
     @abstractmethod
     async def set_slots(self, total: int) -> None:
         """Capacity changed (workers measured, started or stopped)."""
+
+    async def delivered(self) -> list[Grant]:
+        """Grants that other nodes made for tickets whose clients this node holds (a shared
+        store); none on one node."""
+        return []
+
+    async def find_detached(self, resume_key: str) -> str | None:
+        """The detached ticket a resume by ``resume_key`` may take back, wherever it was held
+        (a shared store); ``None`` on one node, where admission keeps that itself."""
+        return None

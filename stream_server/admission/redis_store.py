@@ -1,0 +1,238 @@
+"""The shared admission store: one line for every node, in Redis (``queue.store = "redis"``).
+
+Each step of ``AdmissionStore`` is one Lua script (``redis_scripts.py``), so it is atomic across
+nodes. Every node registers itself with its slots, pool and URL, and renews a lease
+(``heartbeat``); a node whose lease runs out is dead to the others: its slots come back and the
+waiting tickets of its clients are held for a resume on any node, at their places. A grant pops
+the first ticket and reserves a slot on a live node that has one, the ticket's own node first;
+when that is another node, the grant carries a single-use handoff id that expires with its slot.
+
+Times are the caller's clock, which must be shared by every node (``time.time`` in a cluster).
+A lost connection raises ``StoreUnavailable`` with the cause.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from stream_server.admission import redis_scripts as lua
+from stream_server.admission.eta import OfferedWork, ServiceTimes
+from stream_server.admission.policy import JoinSnapshot, Ticket
+from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket
+
+OFFERED_HORIZON_S = 300.0
+SERVICE_ALPHA = 0.2
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot be reached; nothing was changed by the step that raised it."""
+
+
+def decode_ticket(member: str | bytes) -> Ticket:
+    text = member.decode() if isinstance(member, bytes) else member
+    ticket_id, identity, tier, joined_at, key, avatar, node, _resume_key = json.loads(text[15:])
+    return Ticket(
+        id=ticket_id,
+        identity=identity,
+        tier=tier,
+        joined_at=float(joined_at),
+        key=float(key),
+        seq=int(text[:15]),
+        avatar=avatar,
+        meta={"node": node},
+    )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _times(flat: list[Any]) -> ServiceTimes:
+    means = {tier: float(v) for tier, v in _pairs(flat).items()}
+    overall = means.pop("*", None)
+    return ServiceTimes.restore(means, overall, SERVICE_ALPHA)
+
+
+class RedisAdmissionStore(AdmissionStore):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        node_id: str,
+        tiers: list[str],
+        slots: int,
+        resume_grace_s: float,
+        grant_ttl_s: float,
+        pool: str = "default",
+        url: str = "",
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.node_id = node_id
+        self.tiers = tiers
+        self.slots_total = max(1, slots)
+        self.resume_grace_s = resume_grace_s
+        self.grant_ttl_s = grant_ttl_s
+        self.pool = pool
+        self.url = url
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def _run(self, name: str, *args: object) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            script = self._scripts[name] = self.client.register_script(getattr(lua, name))
+        try:
+            return await cast(Awaitable[Any], script(args=[self.prefix, *args]))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
+        except RedisError as exc:
+            if "already active" in str(exc):
+                raise ValueError(str(exc)) from None
+            raise
+
+    def _busy(self, entries: list[Any], now: float) -> list[tuple[str, float]]:
+        out = []
+        for raw in entries:
+            member, since, _node = json.loads(_text(raw))
+            out.append((decode_ticket(member).tier, now - float(since)))
+        return out
+
+    def _grant(self, raw: list[Any]) -> Grant:
+        member, since, node, handoff, size, url = (_text(x) for x in raw)
+        ticket = decode_ticket(member)
+        return Grant(
+            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url
+        )
+
+    # ----- cluster membership -----
+
+    async def heartbeat(self, now: float, lease_s: float) -> bool:
+        """Renew this node's lease (and its slots, pool and URL); True if it was not registered
+        (its first heartbeat, a Redis that restarted empty, or a lease that had run out)."""
+        new = await self._run("HEARTBEAT", self.node_id, repr(now + lease_s), self.slots_total, self.pool, self.url)
+        return bool(new)
+
+    async def drain(self) -> None:
+        """This node takes no new grants (it is shutting down)."""
+        await self._run("DRAIN", self.node_id)
+
+    async def consume_grant(self, handoff: str, now: float) -> Ticket | None:
+        """Take up a grant made for a slot of this node: once only, before it expires."""
+        member = await self._run("CONSUME_GRANT", handoff, self.node_id, repr(now))
+        return None if member is None else decode_ticket(member)
+
+    # ----- AdmissionStore -----
+
+    async def expire(self, now: float) -> list[Ticket]:
+        members = await self._run("EXPIRE", repr(now), repr(self.resume_grace_s))
+        return [decode_ticket(m) for m in members]
+
+    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+        version, waiting, detached, busy, total, active, times, offered = await self._run(
+            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S)
+        )
+        work = OfferedWork(OFFERED_HORIZON_S)
+        raw = _pairs(offered)
+        for name in self.tiers:
+            if name in raw:
+                work.restore(name, float(raw[name]), float(raw[f"{name}@"]))
+        held = [t for t in map(decode_ticket, detached) if t.identity != identity]
+        snapshot = JoinSnapshot(
+            waiting=[decode_ticket(m) for m in waiting],
+            held=held,
+            busy=self._busy(busy, now),
+            slots_total=max(1, int(total)),
+            identity_active=int(active),
+            times=_times(times),
+            offered={name: work.rate(name, now) for name in self.tiers},
+        )
+        return snapshot, int(version)
+
+    async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
+        reply = await self._run(
+            "INSERT",
+            str(version),
+            ticket.id,
+            ticket.identity,
+            ticket.tier,
+            repr(ticket.joined_at),
+            repr(ticket.key),
+            ticket.avatar,
+            self.node_id,
+            ticket.resume_key,
+        )
+        if _text(reply[0]) == "stale":
+            return None
+        return decode_ticket(reply[1]), [decode_ticket(m) for m in reply[2:]]
+
+    async def remove(self, ticket_id: str) -> Ticket | None:
+        member = await self._run("REMOVE", ticket_id)
+        return None if member is None else decode_ticket(member)
+
+    async def detach(self, ticket_id: str, until: float) -> Ticket | None:
+        member = await self._run("DETACH", ticket_id, repr(until))
+        return None if member is None else decode_ticket(member)
+
+    async def reattach(self, ticket_id: str, identity: str) -> Ticket | None:
+        member = await self._run("REATTACH", ticket_id, identity)
+        return None if member is None else decode_ticket(member)
+
+    async def pop_and_reserve(self, now: float) -> Grant | None:
+        ttl = self.grant_ttl_s
+        raw = await self._run(
+            "POP_AND_RESERVE",
+            repr(now),
+            self.node_id,
+            secrets.token_urlsafe(18),
+            repr(now + ttl),
+            max(1, int(ttl * 1000)),
+        )
+        return None if raw is None else self._grant(raw)
+
+    async def delivered(self) -> list[Grant]:
+        entries = await self._run("DELIVERED", self.node_id)
+        return [self._grant(json.loads(_text(e))) for e in entries]
+
+    async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
+        member = await self._run("RELEASE", ticket_id, repr(now), "1" if served else "0", repr(SERVICE_ALPHA))
+        return None if member is None else decode_ticket(member)
+
+    async def line(self, now: float) -> LineState:
+        waiting, busy, total, times = await self._run("LINE", repr(now))
+        return LineState(
+            waiting=[decode_ticket(m) for m in waiting],
+            busy=self._busy(busy, now),
+            slots_total=max(1, int(total)),
+            times=_times(times),
+        )
+
+    async def set_slots(self, total: int) -> None:
+        self.slots_total = max(1, total)
+        await self._run("SET_SLOTS", self.node_id, self.slots_total)
+
+    async def find_detached(self, resume_key: str) -> str | None:
+        found = await self._run("FIND_DETACHED", resume_key)
+        return None if found is None else _text(found)
+
+    # ----- introspection for tests -----
+
+    async def identities(self) -> dict[str, int]:
+        raw = await self.client.hgetall(self.prefix + "ident")  # type: ignore[misc]
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    async def detached_count(self) -> int:
+        return int(await self.client.hlen(self.prefix + "det"))  # type: ignore[misc]
