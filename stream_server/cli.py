@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stream_server.app import create_app
+    from stream_server.drain import DrainingServer
 
     settings = Settings()
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
@@ -21,8 +22,9 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = args.port or settings.server.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port,
         ws="websockets-sansio",
@@ -32,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         ws_ping_timeout=settings.server.ws_ping_timeout_s,
         log_level="info",
     )
+    DrainingServer(config, app, settings.cluster.drain_timeout_s).run()
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Generic, TypeVar
 
 from stream_server.admission.admission import Admission
 from stream_server.admission.owner import TicketOwner
+from stream_server.admission.store import Grant
+from stream_server.cluster.grants import GrantClaim, GrantTokens
 from stream_server.metrics import Metrics
 from stream_server.settings import TIER_NAMES
 
@@ -27,9 +29,20 @@ OwnerT = TypeVar("OwnerT", bound=TicketOwner)
 
 class Dispatcher(Generic[OwnerT]):
     def __init__(
-        self, admission: Admission[OwnerT], metrics: Metrics, heartbeat_s: float, render_fps: Callable[[], float]
+        self,
+        admission: Admission[OwnerT],
+        metrics: Metrics,
+        heartbeat_s: float,
+        render_fps: Callable[[], float],
+        grant_tokens: GrantTokens | None = None,
+        grant_ttl_s: float = 10.0,
     ) -> None:
         self.admission = admission
+        self.grant_tokens = grant_tokens
+        """Signs the grants that send a client to another node (a shared store)."""
+        self.grant_ttl_s = grant_ttl_s
+        self.granting = True
+        """False while the node drains: it reserves no new slot of its own."""
         self.metrics = metrics
         self.heartbeat_s = heartbeat_s
         self.render_fps = render_fps
@@ -42,7 +55,7 @@ class Dispatcher(Generic[OwnerT]):
 
     async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
         """A granted request ended: free its slot (idempotent)."""
-        if await self.admission.release(ticket_id, time.monotonic(), served=served) is not None and served:
+        if await self.admission.release(ticket_id, self.admission.clock(), served=served) is not None and served:
             self.metrics.service.labels(mode).observe(held_s)
         self.metrics.sessions_active.set(self.admission.serving_count)
 
@@ -67,17 +80,34 @@ class Dispatcher(Generic[OwnerT]):
                 await asyncio.sleep(0.1)
 
     async def _grant_all(self) -> None:
-        while (grant := await self.admission.grant(time.monotonic())) is not None:
-            ticket = grant.ticket
-            self.metrics.grants.labels(ticket.tier).inc()
-            self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
-            owner = self.admission.owner(ticket.id)
-            if owner is None or not owner.granted(grant):
-                await self.release(ticket.id, served=False)
-        self.metrics.sessions_active.set(self.admission.serving_count)
+        admission = self.admission
+        for delivered in await admission.delivered():
+            await self._hand_over(delivered)
+        while self.granting and (grant := await admission.grant(admission.clock())) is not None:
+            if grant.owner_node == admission.node_id:
+                await self._hand_over(grant)
+            # else: the store put it in the inbox of the node that holds the ticket's client
+        self.metrics.sessions_active.set(admission.serving_count)
+
+    async def _hand_over(self, grant: Grant) -> None:
+        """Give a grant for one of this node's tickets to its owner: to start here, or with a
+        signed token for the node whose slot it is."""
+        ticket = grant.ticket
+        self.metrics.grants.labels(ticket.tier).inc()
+        self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
+        owner = self.admission.owner(ticket.id)
+        if grant.remote:
+            if owner is not None and self.grant_tokens is not None:
+                claim = GrantClaim(grant.handoff, grant.node, grant.granted_at + self.grant_ttl_s)
+                if owner.redirected(grant, grant.node_url, self.grant_tokens.sign(claim)):
+                    self.admission.handed_off(ticket.id)
+                    return
+            await self.release(ticket.id, served=False)
+        elif owner is None or not owner.granted(grant):
+            await self.release(ticket.id, served=False)
 
     async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
-        view = await self.admission.view(time.monotonic())
+        view = await self.admission.view(self.admission.clock())
         size = len(view.waiting)
         counts = dict.fromkeys(TIER_NAMES, 0)
         owner_of = self.admission.owner

@@ -56,6 +56,9 @@ def _default_tiers() -> dict[str, TierSettings]:
 
 
 class QueueSettings(BaseModel):
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "mts:"
     global_cap: int = 1000
     per_identity_cap: int = 1
     resume_grace_s: float = 30.0
@@ -67,6 +70,14 @@ class QueueSettings(BaseModel):
 
     def tier(self, name: str) -> TierSettings:
         return self.tiers[name]
+
+
+class ClusterSettings(BaseModel):
+    node_id: str = ""
+    pool: str = "default"
+    lease_s: float = 6.0
+    grant_ttl_s: float = 10.0
+    drain_timeout_s: float = 600.0
 
 
 class LimitSettings(BaseModel):
@@ -115,6 +126,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
@@ -142,5 +154,11 @@ class Settings(BaseSettings):
         waits = [self.queue.tiers[t].max_wait_s for t in TIER_NAMES]
         if waits != sorted(waits):
             raise ValueError("queue.tiers max_wait_s must not decrease from vip to normal to low")
+        if self.queue.store == "redis" and not self.server.public_url:
+            raise ValueError(
+                'queue.store = "redis" needs server.public_url: the URL other nodes redirect clients to'
+            )
+        if self.cluster.grant_ttl_s <= 0 or self.cluster.lease_s <= 0:
+            raise ValueError("cluster.lease_s and cluster.grant_ttl_s must be positive")
         if self.engine.slots < 0:
             raise ValueError("engine.slots must be 0 (measure) or more")

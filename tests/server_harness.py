@@ -58,6 +58,7 @@ def run_server(tmp: Path, **env: str) -> Iterator[RunningServer]:
         "MTS_ENGINE__KIND": "lite",
         "MTS_QUEUE__HEARTBEAT_S": "1.0",
         "MTS_QUEUE__COALESCE_S": "0.05",
+        "MTS_CLUSTER__DRAIN_TIMEOUT_S": "5",
         **env,
     }
     with log_path.open("wb") as log:

@@ -7,6 +7,7 @@ ticket a resume may take back. Nothing else keeps a copy of either.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -34,9 +35,13 @@ class QueueView:
 
 
 class Admission(Generic[OwnerT]):
-    def __init__(self, policy: AdmissionPolicy, store: AdmissionStore) -> None:
+    def __init__(
+        self, policy: AdmissionPolicy, store: AdmissionStore, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.policy = policy
         self.store = store
+        self.clock = clock
+        """The time every caller passes as ``now``: shared by all nodes with a shared store."""
         self._owners: dict[str, OwnerT] = {}
         """Owners of this node's waiting and detached tickets."""
         self._serving: dict[str, OwnerT] = {}
@@ -49,6 +54,10 @@ class Admission(Generic[OwnerT]):
     @property
     def serving_count(self) -> int:
         return len(self._serving)
+
+    @property
+    def node_id(self) -> str:
+        return self.store.node_id
 
     async def _expire(self, now: float) -> None:
         for ticket in await self.store.expire(now):
@@ -68,7 +77,10 @@ class Admission(Generic[OwnerT]):
         while True:
             snapshot, version = await self.store.join_snapshot(identity, tier, now)
             key = self.policy.admit(tier, now, snapshot)
-            added = await self.store.insert(NewTicket(ticket_id, identity, tier, avatar, now, key), version)
+            resume_key = owner.resume_key if owner is not None else ""
+            added = await self.store.insert(
+                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key), version
+            )
             if added is not None:
                 break
         ticket, superseded = added
@@ -95,9 +107,10 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    def parked(self, resume_key: str) -> str | None:
-        """The detached ticket a resume by ``resume_key`` would take back."""
-        return self._parked.get(resume_key)
+    async def parked(self, resume_key: str) -> str | None:
+        """The detached ticket a resume by ``resume_key`` would take back: held here, or (a
+        shared store) on a node that went away."""
+        return self._parked.get(resume_key) or await self.store.find_detached(resume_key)
 
     async def reattach(self, ticket_id: str, identity: str, now: float) -> Ticket | None:
         """Put a detached ticket of ``identity`` back at its old place. ``None`` if unknown,
@@ -113,15 +126,42 @@ class Admission(Generic[OwnerT]):
         return ticket
 
     async def grant(self, now: float) -> Grant | None:
-        """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones."""
+        """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones.
+        With a shared store the ticket may be another node's (``owner_node``): the store
+        delivers the grant there."""
         await self._expire(now)
         grant = await self.store.pop_and_reserve(now)
         if grant is None:
             return None
+        self._to_serving(grant)
+        return grant
+
+    async def delivered(self) -> list[Grant]:
+        """Grants other nodes made for this node's tickets; their owners move to the serving ones."""
+        grants = await self.store.delivered()
+        for grant in grants:
+            self._to_serving(grant)
+        return grants
+
+    def _to_serving(self, grant: Grant) -> None:
         owner = self._owners.pop(grant.ticket.id, None)
         if owner is not None:
             self._serving[grant.ticket.id] = owner
-        return grant
+
+    def handed_off(self, ticket_id: str) -> None:
+        """The ticket's client went to the node whose slot it was granted: that node serves and
+        releases it."""
+        self._serving.pop(ticket_id, None)
+
+    async def take_handoff(self, handoff: str, now: float) -> Ticket | None:
+        """A client brought a grant made for a slot of this node: valid once, before it expires.
+        The slot is then this node's to release."""
+        return await self.store.consume_grant(handoff, now)
+
+    def adopt(self, ticket_id: str, owner: OwnerT, *, serving: bool) -> None:
+        """``owner`` takes over a ticket whose client came from another node: a granted one
+        (a handoff) or a waiting one (a resume after its node went away)."""
+        (self._serving if serving else self._owners)[ticket_id] = owner
 
     async def release(self, ticket_id: str, now: float, *, served: bool = True) -> Ticket | None:
         """Free the slot held by ``ticket_id`` (idempotent)."""

@@ -22,3 +22,8 @@ class TicketOwner(ABC):
     @abstractmethod
     def granted(self, grant: Grant) -> bool:
         """The ticket was granted a slot; False if the owner can no longer use it."""
+
+    @abstractmethod
+    def redirected(self, grant: Grant, url: str, token: str) -> bool:
+        """The ticket was granted a slot on another node: send the client there with the signed
+        grant ``token``; False if the owner can no longer pass it on."""

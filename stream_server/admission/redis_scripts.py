@@ -153,7 +153,8 @@ for i = 1, #det, 2 do
   end
 end
 local seq = redis.call('INCR', k('seq'))
-local m = string.format('%015d', seq) .. cjson.encode({id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]})
+local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]}
+local m = string.format('%015d', seq) .. cjson.encode(fields)
 redis.call('ZADD', k('wait'), ARGV[7], m)
 redis.call('HSET', k('wm'), id, m)
 count(identity, 1)

@@ -91,7 +91,7 @@ class RedisAdmissionStore(AdmissionStore):
         self.url = url
         self._scripts: dict[str, AsyncScript] = {}
 
-    async def _run(self, name: str, *args: object) -> Any:
+    async def _run(self, name: str, *args: str | int) -> Any:
         script = self._scripts.get(name)
         if script is None:
             script = self._scripts[name] = self.client.register_script(getattr(lua, name))
@@ -231,8 +231,8 @@ class RedisAdmissionStore(AdmissionStore):
     # ----- introspection for tests -----
 
     async def identities(self) -> dict[str, int]:
-        raw = await self.client.hgetall(self.prefix + "ident")  # type: ignore[misc]
+        raw = await cast(Awaitable[dict[bytes, bytes]], self.client.hgetall(self.prefix + "ident"))
         return {_text(k): int(v) for k, v in raw.items()}
 
     async def detached_count(self) -> int:
-        return int(await self.client.hlen(self.prefix + "det"))  # type: ignore[misc]
+        return int(await self.client.hlen(self.prefix + "det"))

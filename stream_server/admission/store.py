@@ -65,6 +65,10 @@ class NewTicket:
 
 
 class AdmissionStore(ABC):
+    node_id: str = ""
+    """This node's name in a shared store ("" on one node): grants name it as ``node`` and
+    ``owner_node``."""
+
     @abstractmethod
     async def expire(self, now: float) -> list[Ticket]:
         """Forget the detached tickets whose resume grace is over; return them."""
@@ -117,4 +121,9 @@ class AdmissionStore(ABC):
     async def find_detached(self, resume_key: str) -> str | None:
         """The detached ticket a resume by ``resume_key`` may take back, wherever it was held
         (a shared store); ``None`` on one node, where admission keeps that itself."""
+        return None
+
+    async def consume_grant(self, handoff: str, now: float) -> Ticket | None:
+        """Take up a grant made for a slot of this node, once, before it expires (a shared
+        store); ``None`` on one node, where no grant is ever handed off."""
         return None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.store import Grant
 from stream_server.outbox import Outbox
-from stream_server.protocol import Granted, Queued
+from stream_server.protocol import Granted, Queued, Redirect
 from stream_server.session.request import Request
 
 
@@ -15,21 +15,29 @@ class RequestOwner(TicketOwner):
     """The handle admission keeps for a ticket: it survives the socket for the resume grace, and
     a resumed session rebinds it to its own outbox."""
 
-    __slots__ = ("tier", "request", "outbox", "_start", "_last_position")
+    __slots__ = ("tier", "request", "outbox", "_start", "_hand_off", "_last_position")
 
     def __init__(
-        self, resume_key: str, tier: str, request: Request, outbox: Outbox, start: Callable[[Grant], bool]
+        self,
+        resume_key: str,
+        tier: str,
+        request: Request,
+        outbox: Outbox,
+        start: Callable[[Grant], bool],
+        hand_off: Callable[[], bool],
     ) -> None:
         self.resume_key = resume_key
         self.tier = tier
         self.request = request
         self.outbox = outbox
         self._start = start
+        self._hand_off = hand_off
         self._last_position: int | None = None
 
-    def rebind(self, outbox: Outbox, start: Callable[[Grant], bool]) -> None:
+    def rebind(self, outbox: Outbox, start: Callable[[Grant], bool], hand_off: Callable[[], bool]) -> None:
         self.outbox = outbox
         self._start = start
+        self._hand_off = hand_off
         self._last_position = None
 
     def queued(self, position: int, queue_size: int, eta_s: float | None, *, force: bool) -> None:
@@ -49,4 +57,13 @@ class RequestOwner(TicketOwner):
             # Granted in the round it joined: the client still hears that it joined the line.
             self.outbox.send(self._queued(1, grant.queue_size + 1, None))
         self.outbox.send(Granted(waited_s=round(grant.waited_s, 3)).encode())
+        return True
+
+    def redirected(self, grant: Grant, url: str, token: str) -> bool:
+        if self.outbox.closed or not self._hand_off():
+            return False
+        self.outbox.set_status(None)
+        if self._last_position is None:
+            self.outbox.send(self._queued(1, grant.queue_size + 1, None))
+        self.outbox.send(Redirect(url=url, grant=token).encode())
         return True

@@ -19,6 +19,7 @@ from stream_server.admission.policy import IdentityBusy, QueueFull
 from stream_server.admission.store import Grant
 from stream_server.audio_input import AudioInput
 from stream_server.auth import Authenticator, Identity
+from stream_server.cluster.grants import is_grant_token
 from stream_server.dispatcher import Dispatcher
 from stream_server.outbox import Outbox
 from stream_server.protocol import (
@@ -63,7 +64,7 @@ class SessionServices:
 class Session:
     __slots__ = (
         "services", "outbox", "address", "id", "machine", "identity", "request", "bad_messages", "_requests",
-        "close_code",
+        "close_code", "handoff",
     )
 
     def __init__(self, services: SessionServices, outbox: Outbox, address: str) -> None:
@@ -77,6 +78,9 @@ class Session:
         self.bad_messages = 0
         self._requests = 0
         self.close_code: CloseCode | None = None
+        self.handoff: Grant | None = None
+        """A grant another node made for a slot here, taken up by ``hello{resume: grant}``: the
+        next ``start`` streams at once."""
 
     @property
     def state(self) -> SocketState:
@@ -117,7 +121,12 @@ class Session:
         self.machine.check(Event.HELLO)
         services = self.services
         self.identity = services.auth.identify(message.token, self.address)
-        owner = await self._resume(message.resume, self.identity) if message.resume else None
+        resume = message.resume
+        owner = None
+        if resume and is_grant_token(resume):
+            self.handoff = await self._take_handoff(resume, self.identity)
+        elif resume:
+            owner = await self._resume(resume, self.identity)
         self.machine.apply(Event.HELLO if owner is None else Event.RESUME)
         self.outbox.send(
             Welcome(
@@ -129,7 +138,9 @@ class Session:
                 id=message.id,
             ).encode()
         )
-        if message.resume and owner is None:
+        if resume and is_grant_token(resume) and self.handoff is None:
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, "the grant is unknown, was used already, or expired")
+        if resume and not is_grant_token(resume) and owner is None:
             reply = FINISHED_ERRORS[RequestStatus.EXPIRED]
             assert reply is not None
             raise ProtocolError(*reply)
@@ -139,17 +150,37 @@ class Session:
         A resume that fails leaves the detached request as it was."""
         admission = self.services.admission
         session_id = self.services.auth.session_from_resume(token)
-        ticket_id = admission.parked(session_id) if session_id else None
-        if ticket_id is None or await admission.reattach(ticket_id, identity.key, time.monotonic()) is None:
+        ticket_id = await admission.parked(session_id) if session_id else None
+        if ticket_id is None or admission.owner(ticket_id) is None:
+            return None
+        if await admission.reattach(ticket_id, identity.key, admission.clock()) is None:
             return None
         owner = admission.owner(ticket_id)
         assert owner is not None and session_id is not None
-        owner.rebind(self.outbox, self._take_grant)
+        owner.rebind(self.outbox, self._take_grant, self._hand_off)
         self.id = session_id
         self.request = owner.request
         self.request.status = RequestStatus.WAITING
         self._requests = int(ticket_id.rsplit(":", 1)[1])
         return owner
+
+    async def _take_handoff(self, token: str, identity: Identity) -> Grant | None:
+        """The grant a client brought from the node that holds its ticket, if it is genuine, for
+        this node, in time, unused and the same identity's (a wrong identity's gives its slot back)."""
+        services = self.services
+        admission = services.admission
+        tokens = services.dispatcher.grant_tokens
+        now = admission.clock()
+        claim = tokens.verify(token, now) if tokens is not None else None
+        if claim is None or claim.node != admission.node_id:
+            return None
+        ticket = await admission.take_handoff(claim.handoff, now)
+        if ticket is None:
+            return None
+        if ticket.identity != identity.key:
+            await services.dispatcher.release(ticket.id, served=False)
+            return None
+        return Grant(ticket, now, 0, node=admission.node_id, owner_node=admission.node_id)
 
     def _limits(self) -> Limits:
         limits = self.services.settings.limits
@@ -183,12 +214,16 @@ class Session:
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
         )
+        if self.handoff is not None:
+            await self._start_handed_off(self.handoff, message, audio)
+            return
         self._requests += 1
         request = Request(f"{self.id}:{self._requests}", message, audio)
-        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant)
+        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
         try:
-            await services.admission.join(
-                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner
+            admission = services.admission
+            await admission.join(
+                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, admission.clock(), owner
             )
         except QueueFull as exc:
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
@@ -196,6 +231,19 @@ class Session:
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
+
+    async def _start_handed_off(self, grant: Grant, message: Start, audio: AudioInput) -> None:
+        """The ``start`` after a redirect: its slot here is reserved already, it streams at once."""
+        assert self.identity is not None
+        self.handoff = None
+        request = Request(grant.ticket.id, message, audio)
+        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
+        self.services.admission.adopt(request.ticket_id, owner, serving=True)
+        self.request = request
+        self.machine.apply(Event.START)
+        if not owner.granted(grant):
+            await self._drop_request(request)
+            await self.services.dispatcher.release(request.ticket_id, served=False)
 
     async def _audio_end(self) -> None:
         self.machine.check(Event.AUDIO_END)
@@ -256,6 +304,17 @@ class Session:
             request.rtc.interrupt()
 
     # ----- the grant, through the owner handle -----
+
+    def _hand_off(self) -> bool:
+        """This session's ticket was granted a slot on another node, where the client goes with
+        the grant (it sends its ``start`` and audio there again): the request ends here."""
+        request = self.request
+        if self.state is not SocketState.QUEUED or request is None:
+            return False
+        self.request = None
+        self.machine.apply(Event.END)
+        request.status = RequestStatus.FINISHED
+        return True
 
     def _take_grant(self, grant: Grant) -> bool:
         """This session's ticket was granted; False if the session can no longer use it."""
@@ -322,8 +381,11 @@ class Session:
     async def disconnected(self) -> None:
         """The socket closed: detach a queued request for resume; stop anything else at once."""
         request = self.request
+        if self.handoff is not None:
+            await self.services.dispatcher.release(self.handoff.ticket.id, served=False)
+            self.handoff = None
         if self.state is SocketState.QUEUED and request is not None:
-            await self.services.admission.detach(request.ticket_id, time.monotonic())
+            await self.services.admission.detach(request.ticket_id, self.services.admission.clock())
             request.status = RequestStatus.DETACHED
         elif request is not None:
             await self._drop_request(request)
