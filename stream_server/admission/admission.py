@@ -69,17 +69,26 @@ class Admission(Generic[OwnerT]):
             del self._parked[owner.resume_key]
 
     async def join(
-        self, ticket_id: str, identity: str, tier: str, avatar: str, now: float, owner: OwnerT | None = None
+        self,
+        ticket_id: str,
+        identity: str,
+        tier: str,
+        avatar: str,
+        now: float,
+        owner: OwnerT | None = None,
+        *,
+        request: str = "",
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
-        and its grant; a ticket granted with no owner is released by the dispatcher."""
+        and its grant; a ticket granted with no owner is released by the dispatcher. ``request``
+        (the ``start``, JSON) goes with the ticket in a shared store, for a resume on another node."""
         await self._expire(now)
         while True:
             snapshot, version = await self.store.join_snapshot(identity, tier, now)
             key = self.policy.admit(tier, now, snapshot)
             resume_key = owner.resume_key if owner is not None else ""
             added = await self.store.insert(
-                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key), version
+                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request), version
             )
             if added is not None:
                 break

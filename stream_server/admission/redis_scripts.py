@@ -9,7 +9,7 @@ Layout, below the prefix:
 * ``ver`` (counter): bumped by every change of the line; ``insert`` compares it (join = snapshot,
   policy, conditional insert). ``seq`` (counter): arrival order, the tie-break of equal keys.
 * ``wait`` (sorted set): waiting tickets, score = the order key, member = ``%015d`` seq + JSON
-  ``[id, identity, tier, joined_at, key, avatar, node, resume_key]`` (numbers as Python reprs, so
+  ``[id, identity, tier, joined_at, key, avatar, node, resume_key, request]`` (numbers as Python reprs, so
   nothing loses precision), so equal keys sort by seq; ``wm`` (hash): id -> member.
 * ``det`` (hash) id -> member, ``detu`` (sorted set) id -> resume deadline, ``park`` (hash)
   resume key -> id: detached tickets, held for a resume on any node.
@@ -153,7 +153,7 @@ for i = 1, #det, 2 do
   end
 end
 local seq = redis.call('INCR', k('seq'))
-local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]}
+local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]}
 local m = string.format('%015d', seq) .. cjson.encode(fields)
 redis.call('ZADD', k('wait'), ARGV[7], m)
 redis.call('HSET', k('wm'), id, m)

@@ -39,7 +39,7 @@ class StoreUnavailable(Exception):
 
 def decode_ticket(member: str | bytes) -> Ticket:
     text = member.decode() if isinstance(member, bytes) else member
-    ticket_id, identity, tier, joined_at, key, avatar, node, _resume_key = json.loads(text[15:])
+    ticket_id, identity, tier, joined_at, key, avatar, node, _resume_key, request = json.loads(text[15:])
     return Ticket(
         id=ticket_id,
         identity=identity,
@@ -48,7 +48,7 @@ def decode_ticket(member: str | bytes) -> Ticket:
         key=float(key),
         seq=int(text[:15]),
         avatar=avatar,
-        meta={"node": node},
+        meta={"node": node, "request": request},
     )
 
 
@@ -174,6 +174,7 @@ class RedisAdmissionStore(AdmissionStore):
             ticket.avatar,
             self.node_id,
             ticket.resume_key,
+            ticket.request,
         )
         if _text(reply[0]) == "stale":
             return None

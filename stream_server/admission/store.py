@@ -62,6 +62,8 @@ class NewTicket:
     key: float
     resume_key: str = ""
     """What a resume names the ticket's owner by: a shared store lets any node find it."""
+    request: str = ""
+    """The request as JSON, kept with the ticket by a shared store for a resume on another node."""
 
 
 class AdmissionStore(ABC):

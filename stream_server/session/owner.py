@@ -15,7 +15,7 @@ class RequestOwner(TicketOwner):
     """The handle admission keeps for a ticket: it survives the socket for the resume grace, and
     a resumed session rebinds it to its own outbox."""
 
-    __slots__ = ("tier", "request", "outbox", "_start", "_hand_off", "_last_position")
+    __slots__ = ("tier", "request", "outbox", "adopted", "_start", "_hand_off", "_last_position")
 
     def __init__(
         self,
@@ -33,8 +33,11 @@ class RequestOwner(TicketOwner):
         self._start = start
         self._hand_off = hand_off
         self._last_position: int | None = None
+        self.adopted = False
+        """Taken over from a node that went away (its audio did not come along)."""
 
     def rebind(self, outbox: Outbox, start: Callable[[Grant], bool], hand_off: Callable[[], bool]) -> None:
+        self.adopted = False
         self.outbox = outbox
         self._start = start
         self._hand_off = hand_off

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
-from stream_server.admission.policy import IdentityBusy, QueueFull
+from stream_server.admission.policy import IdentityBusy, QueueFull, Ticket
 from stream_server.admission.store import Grant
 from stream_server.audio_input import AudioInput
 from stream_server.auth import Authenticator, Identity
@@ -39,6 +39,7 @@ from stream_server.protocol import (
     Start,
     WebrtcOffer,
     Welcome,
+    parse_client_message,
 )
 from stream_server.ratelimit import RateLimiter
 from stream_server.session.owner import RequestOwner
@@ -127,6 +128,7 @@ class Session:
             self.handoff = await self._take_handoff(resume, self.identity)
         elif resume:
             owner = await self._resume(resume, self.identity)
+        audio_lost = owner is not None and owner.adopted and not owner.request.live
         self.machine.apply(Event.HELLO if owner is None else Event.RESUME)
         self.outbox.send(
             Welcome(
@@ -144,6 +146,12 @@ class Session:
             reply = FINISHED_ERRORS[RequestStatus.EXPIRED]
             assert reply is not None
             raise ProtocolError(*reply)
+        if audio_lost:
+            raise ProtocolError(
+                ErrorCode.BAD_AUDIO,
+                "resumed on another node: the clip keeps its place, but its audio stayed on the node that "
+                "went away; send the audio (and audio_end) again",
+            )
 
     async def _resume(self, token: str, identity: Identity) -> RequestOwner | None:
         """Take back a detached request, if the token is genuine, in time and the same identity's.
@@ -151,17 +159,32 @@ class Session:
         admission = self.services.admission
         session_id = self.services.auth.session_from_resume(token)
         ticket_id = await admission.parked(session_id) if session_id else None
-        if ticket_id is None or admission.owner(ticket_id) is None:
+        if ticket_id is None or session_id is None:
             return None
-        if await admission.reattach(ticket_id, identity.key, admission.clock()) is None:
+        ticket = await admission.reattach(ticket_id, identity.key, admission.clock())
+        if ticket is None:
             return None
         owner = admission.owner(ticket_id)
-        assert owner is not None and session_id is not None
-        owner.rebind(self.outbox, self._take_grant, self._hand_off)
+        if owner is None:
+            owner = self._adopt(session_id, ticket)
+        else:
+            owner.rebind(self.outbox, self._take_grant, self._hand_off)
         self.id = session_id
         self.request = owner.request
         self.request.status = RequestStatus.WAITING
         self._requests = int(ticket_id.rsplit(":", 1)[1])
+        return owner
+
+    def _adopt(self, session_id: str, ticket: Ticket) -> RequestOwner:
+        """A resume of a ticket whose node went away: its ``start`` came with it in the shared
+        store, its audio did not (the client sends it again: see ``_hello``)."""
+        assert self.identity is not None
+        message = parse_client_message(ticket.meta["request"])
+        assert isinstance(message, Start)
+        request = Request(ticket.id, message, self._audio_input(message))
+        owner = RequestOwner(session_id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
+        owner.adopted = True
+        self.services.admission.adopt(ticket.id, owner, serving=False)
         return owner
 
     async def _take_handoff(self, token: str, identity: Identity) -> Grant | None:
@@ -202,18 +225,7 @@ class Session:
         avatar = await asyncio.to_thread(services.engine.avatars.info, message.avatar)
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
-        spec = message.audio
-        if spec is None:
-            if message.mode == "clip":
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
-            spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
-        limits = services.settings.limits
-        audio = AudioInput(
-            spec,
-            live=message.mode == "live",
-            max_seconds=limits.max_audio_seconds,
-            max_bytes=limits.max_audio_bytes,
-        )
+        audio = self._audio_input(message)
         if self.handoff is not None:
             await self._start_handed_off(self.handoff, message, audio)
             return
@@ -223,7 +235,8 @@ class Session:
         try:
             admission = services.admission
             await admission.join(
-                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, admission.clock(), owner
+                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, admission.clock(), owner,
+                request=message.model_dump_json(exclude={"id"}),
             )
         except QueueFull as exc:
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
@@ -231,6 +244,20 @@ class Session:
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
+
+    def _audio_input(self, message: Start) -> AudioInput:
+        spec = message.audio
+        if spec is None:
+            if message.mode == "clip":
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
+            spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
+        limits = self.services.settings.limits
+        return AudioInput(
+            spec,
+            live=message.mode == "live",
+            max_seconds=limits.max_audio_seconds,
+            max_bytes=limits.max_audio_bytes,
+        )
 
     async def _start_handed_off(self, grant: Grant, message: Start, audio: AudioInput) -> None:
         """The ``start`` after a redirect: its slot here is reserved already, it streams at once."""
