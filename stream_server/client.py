@@ -12,6 +12,7 @@ import io
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -83,11 +84,32 @@ def remux(fragmented: bytes, output: Path) -> None:
 async def fetch_clip(
     url: str, avatar: str, audio: bytes, fmt: str, token: str | None, display: Display
 ) -> tuple[bytes, dict[str, Any]]:
+    """The clip for ``audio``. A ``redirect`` (the slot granted is on another node of a cluster)
+    is followed: the same request, with its audio, goes to that node with the grant."""
+    grant: str | None = None
+    while True:
+        outcome = await _request_clip(url, avatar, audio, fmt, token, grant, display)
+        if isinstance(outcome, tuple):
+            return outcome
+        url, grant = outcome.url, outcome.grant
+
+
+@dataclass(frozen=True)
+class Redirected:
+    url: str
+    grant: str
+
+
+async def _request_clip(
+    url: str, avatar: str, audio: bytes, fmt: str, token: str | None, grant: str | None, display: Display
+) -> tuple[bytes, dict[str, Any]] | Redirected:
     media = bytearray()
     async with websockets.connect(url, max_size=None) as ws:
         hello: dict[str, Any] = {"type": "hello"}
         if token:
             hello["token"] = token
+        if grant:
+            hello["resume"] = grant
         await ws.send(json.dumps(hello))
         await ws.send(json.dumps({"type": "start", "avatar": avatar, "mode": "clip", "transport": "mse",
                                   "audio": {"format": fmt}}))
@@ -108,6 +130,9 @@ async def fetch_clip(
                 display.show(f"in line: position {msg['position']} of {msg['queue_size']}, {eta}")
             elif kind == "granted":
                 display.show(f"granted after {msg['waited_s']:.1f} s, generating")
+            elif kind == "redirect":
+                display.show("granted on another node, moving there")
+                return Redirected(msg["url"], msg["grant"])
             elif kind == "progress":
                 display.show(progress_bar(msg["frames"], msg.get("total")))
             elif kind == "done":

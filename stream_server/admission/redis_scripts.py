@@ -195,6 +195,7 @@ changed()
 return m
 """
 
+# ARGV: prefix, ticket id, identity, this node (which holds the ticket's client from now on).
 REATTACH = COMMON + """
 local id = ARGV[2]
 local m = redis.call('HGET', k('det'), id)
@@ -204,6 +205,8 @@ if t[2] ~= ARGV[3] then return false end
 redis.call('HDEL', k('det'), id)
 redis.call('ZREM', k('detu'), id)
 unpark(m, id)
+t[7] = ARGV[4]
+m = string.sub(m, 1, 15) .. cjson.encode(t)
 redis.call('ZADD', k('wait'), t[5], m)
 redis.call('HSET', k('wm'), id, m)
 count(t[2], 1)

@@ -189,7 +189,7 @@ class RedisAdmissionStore(AdmissionStore):
         return None if member is None else decode_ticket(member)
 
     async def reattach(self, ticket_id: str, identity: str) -> Ticket | None:
-        member = await self._run("REATTACH", ticket_id, identity)
+        member = await self._run("REATTACH", ticket_id, identity, self.node_id)
         return None if member is None else decode_ticket(member)
 
     async def pop_and_reserve(self, now: float) -> Grant | None:

@@ -170,8 +170,9 @@ async def test_a_dead_nodes_slots_come_back_and_its_waiting_tickets_keep_their_p
     assert await a.find_detached("") is None
     assert await a.detached_count() == 1
     # b2's client resumes on a: same place, ahead of a2 which joined after it
-    assert await qa.reattach("b2", "u3", 12.0) is not None
+    resumed = await qa.reattach("b2", "u3", 12.0)
+    assert resumed is not None and resumed.meta["node"] == "a", "a holds b2's client now"
     await qa.release("a1", 12.0)
     g3 = await qa.grant(12.0)
-    assert g3 is not None and g3.ticket.id == "b2"
+    assert g3 is not None and g3.ticket.id == "b2" and (g3.node, g3.owner_node) == ("a", "a")
     await client.aclose()
