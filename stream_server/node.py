@@ -99,7 +99,7 @@ class Node:
             grant_ttl_s=settings.cluster.grant_ttl_s,
         )
         self.membership = (
-            Membership(store, settings.cluster.lease_s, clock, self.dispatcher.changed)
+            Membership(store, settings.cluster.lease_s, clock, self.dispatcher.changed, self._line_lost)
             if isinstance(store, RedisAdmissionStore)
             else None
         )
@@ -156,6 +156,14 @@ class Node:
                 asyncio.create_task(self.membership.run_changes(), name="line-changes"),
             ]
         self.ready = True
+
+    async def _line_lost(self) -> None:
+        """The shared line was lost: the sessions streaming here keep their slots; the clients
+        waiting here lost their places and hear so (they may start again at once)."""
+        lost = await self.admission.recover(self.admission.clock())
+        for owner in lost:
+            owner.lost("the shared queue restarted and lost this request's place: send start again")
+        log.warning("the shared line was lost: %d waiting request(s) told to start again", len(lost))
 
     async def drain(self) -> None:
         """SIGTERM: not ready any more (the load balancer stops sending clients), no new slot

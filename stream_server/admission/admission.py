@@ -44,8 +44,8 @@ class Admission(Generic[OwnerT]):
         """The time every caller passes as ``now``: shared by all nodes with a shared store."""
         self._owners: dict[str, OwnerT] = {}
         """Owners of this node's waiting and detached tickets."""
-        self._serving: dict[str, OwnerT] = {}
-        """Owners of this node's granted tickets, until released."""
+        self._serving: dict[str, tuple[OwnerT, Grant]] = {}
+        """Owners of this node's granted tickets and their grants, until released."""
         self._parked: dict[str, str] = {}
         """Resume key -> the detached ticket it may take back."""
         self.on_change: Callable[[], None] = _nothing
@@ -155,7 +155,7 @@ class Admission(Generic[OwnerT]):
     def _to_serving(self, grant: Grant) -> None:
         owner = self._owners.pop(grant.ticket.id, None)
         if owner is not None:
-            self._serving[grant.ticket.id] = owner
+            self._serving[grant.ticket.id] = (owner, grant)
 
     def handed_off(self, ticket_id: str) -> None:
         """The ticket's client went to the node whose slot it was granted: that node serves and
@@ -167,10 +167,24 @@ class Admission(Generic[OwnerT]):
         The slot is then this node's to release."""
         return await self.store.consume_grant(handoff, now)
 
-    def adopt(self, ticket_id: str, owner: OwnerT, *, serving: bool) -> None:
-        """``owner`` takes over a ticket whose client came from another node: a granted one
-        (a handoff) or a waiting one (a resume after its node went away)."""
-        (self._serving if serving else self._owners)[ticket_id] = owner
+    def adopt(self, ticket_id: str, owner: OwnerT) -> None:
+        """``owner`` takes over a waiting ticket whose node went away (a resume)."""
+        self._owners[ticket_id] = owner
+
+    def serve(self, grant: Grant, owner: OwnerT) -> None:
+        """``owner`` serves a grant whose client came from another node (a handoff)."""
+        self._serving[grant.ticket.id] = (owner, grant)
+
+    async def recover(self, now: float) -> list[OwnerT]:
+        """The shared store lost the line (Redis restarted empty): reserve again the slots this
+        node's sessions hold, and give up the waiting tickets, whose places are gone. Returns
+        their owners, to tell their clients."""
+        await self.store.restore_busy([grant for _, grant in self._serving.values()], now)
+        lost = list(self._owners.values())
+        self._owners.clear()
+        self._parked.clear()
+        self.on_change()
+        return lost
 
     async def release(self, ticket_id: str, now: float, *, served: bool = True) -> Ticket | None:
         """Free the slot held by ``ticket_id`` (idempotent)."""
@@ -193,7 +207,8 @@ class Admission(Generic[OwnerT]):
 
     def owner(self, ticket_id: str) -> OwnerT | None:
         """The owner of one of this node's tickets (waiting, detached or granted)."""
-        return self._owners.get(ticket_id) or self._serving.get(ticket_id)
+        serving = self._serving.get(ticket_id)
+        return self._owners.get(ticket_id) or (serving[0] if serving is not None else None)
 
     async def set_slots(self, total: int) -> None:
         await self.store.set_slots(total)

@@ -24,6 +24,10 @@ class TicketOwner(ABC):
         """The ticket was granted a slot; False if the owner can no longer use it."""
 
     @abstractmethod
+    def lost(self, reason: str) -> None:
+        """The ticket is gone with the shared line (Redis restarted empty): tell the client."""
+
+    @abstractmethod
     def redirected(self, grant: Grant, url: str, token: str) -> bool:
         """The ticket was granted a slot on another node: send the client there with the signed
         grant ``token``; False if the owner can no longer pass it on."""

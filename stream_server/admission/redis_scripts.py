@@ -329,3 +329,18 @@ return 1
 FIND_DETACHED = COMMON + """
 return redis.call('HGET', k('park'), ARGV[2])
 """
+
+# ARGV: prefix, this node, then (ticket member, since) pairs: this node's sessions, reserved
+# again after the store lost them.
+RESTORE_BUSY = COMMON + """
+for i = 3, #ARGV, 2 do
+  local m = ARGV[i]
+  local t = decode(m)
+  if redis.call('HEXISTS', k('busy'), t[1]) == 0 then
+    redis.call('HSET', k('busy'), t[1], cjson.encode({m, ARGV[i + 1], ARGV[2]}))
+    count(t[2], 1)
+  end
+end
+changed()
+return 1
+"""

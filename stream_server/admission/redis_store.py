@@ -27,19 +27,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stream_server.admission import redis_scripts as lua
 from stream_server.admission.eta import OfferedWork, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
-from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket
+from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket, StoreUnavailable
 
 OFFERED_HORIZON_S = 300.0
 SERVICE_ALPHA = 0.2
 
 
-class StoreUnavailable(Exception):
-    """The shared store cannot be reached; nothing was changed by the step that raised it."""
-
-
 def decode_ticket(member: str | bytes) -> Ticket:
     text = member.decode() if isinstance(member, bytes) else member
-    ticket_id, identity, tier, joined_at, key, avatar, node, _resume_key, request = json.loads(text[15:])
+    ticket_id, identity, tier, joined_at, key, avatar, node, resume_key, request = json.loads(text[15:])
     return Ticket(
         id=ticket_id,
         identity=identity,
@@ -48,8 +44,15 @@ def decode_ticket(member: str | bytes) -> Ticket:
         key=float(key),
         seq=int(text[:15]),
         avatar=avatar,
-        meta={"node": node, "request": request},
+        meta={"node": node, "resume_key": resume_key, "request": request},
     )
+
+
+def encode_ticket(ticket: Ticket, node: str) -> str:
+    """The member ``decode_ticket`` reads (``redis_scripts``: the layout)."""
+    fields = [ticket.id, ticket.identity, ticket.tier, repr(ticket.joined_at), repr(ticket.key), ticket.avatar, node,
+              ticket.meta.get("resume_key", ""), ticket.meta.get("request", "")]
+    return f"{ticket.seq:015d}" + json.dumps(fields)
 
 
 def _text(value: str | bytes) -> str:
@@ -224,6 +227,12 @@ class RedisAdmissionStore(AdmissionStore):
     async def set_slots(self, total: int) -> None:
         self.slots_total = max(1, total)
         await self._run("SET_SLOTS", self.node_id, self.slots_total)
+
+    async def restore_busy(self, grants: list[Grant], now: float) -> None:
+        args: list[str | int] = [self.node_id]
+        for grant in grants:
+            args += [encode_ticket(grant.ticket, self.node_id), repr(grant.granted_at)]
+        await self._run("RESTORE_BUSY", *args)
 
     async def find_detached(self, resume_key: str) -> str | None:
         found = await self._run("FIND_DETACHED", resume_key)

@@ -16,6 +16,10 @@ from stream_server.admission.eta import ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
 
 
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached; the step that raised it changed nothing."""
+
+
 @dataclass(frozen=True)
 class Grant:
     ticket: Ticket
@@ -123,6 +127,11 @@ class AdmissionStore(ABC):
     async def find_detached(self, resume_key: str) -> str | None:
         """The detached ticket a resume by ``resume_key`` may take back, wherever it was held
         (a shared store); ``None`` on one node, where admission keeps that itself."""
+        return None
+
+    async def restore_busy(self, grants: list[Grant], now: float) -> None:
+        """Reserve again the slots of grants still being served here, after a shared store lost
+        them (it restarted empty); nothing to do on one node."""
         return None
 
     async def consume_grant(self, handoff: str, now: float) -> Ticket | None:

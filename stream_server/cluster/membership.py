@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from redis.exceptions import RedisError
 
-from stream_server.admission.redis_store import RedisAdmissionStore, StoreUnavailable
+from stream_server.admission.redis_store import RedisAdmissionStore
+from stream_server.admission.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 RETRY_S = 0.5
@@ -27,11 +28,15 @@ class Membership:
         lease_s: float,
         clock: Callable[[], float],
         on_change: Callable[[], None],
+        on_reset: Callable[[], Awaitable[None]],
     ) -> None:
         self.store = store
         self.lease_s = lease_s
         self.clock = clock
         self.on_change = on_change
+        self.on_reset = on_reset
+        """The node was not registered any more: the line it knew is gone (Redis restarted
+        empty) or it was taken for dead (a lease that ran out)."""
         self.registered = asyncio.Event()
 
     async def register(self) -> None:
@@ -47,7 +52,7 @@ class Membership:
                         "node %s was not registered any more (Redis restarted, or the lease ran out): registered again",
                         self.store.node_id,
                     )
-                    self.on_change()
+                    await self.on_reset()
             except StoreUnavailable as exc:
                 log.error("lease not renewed: %s", exc)
 

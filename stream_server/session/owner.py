@@ -7,7 +7,7 @@ from collections.abc import Callable
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.store import Grant
 from stream_server.outbox import Outbox
-from stream_server.protocol import Granted, Queued, Redirect
+from stream_server.protocol import ErrorCode, Granted, ProtocolError, Queued, Redirect, error_message
 from stream_server.session.request import Request
 
 
@@ -61,6 +61,12 @@ class RequestOwner(TicketOwner):
             self.outbox.send(self._queued(1, grant.queue_size + 1, None))
         self.outbox.send(Granted(waited_s=round(grant.waited_s, 3)).encode())
         return True
+
+    def lost(self, reason: str) -> None:
+        if self.outbox.closed or not self._hand_off():
+            return
+        self.outbox.set_status(None)
+        self.outbox.send(error_message(ProtocolError(ErrorCode.INTERNAL, reason, retry_after_s=1.0)).encode())
 
     def redirected(self, grant: Grant, url: str, token: str) -> bool:
         if self.outbox.closed or not self._hand_off():

@@ -16,7 +16,7 @@ from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull, Ticket
-from stream_server.admission.store import Grant
+from stream_server.admission.store import Grant, StoreUnavailable
 from stream_server.audio_input import AudioInput
 from stream_server.auth import Authenticator, Identity
 from stream_server.cluster.grants import is_grant_token
@@ -47,6 +47,9 @@ from stream_server.session.request import FINISHED_ERRORS, Request, RequestStatu
 from stream_server.session.serving import Serving
 from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
+
+STORE_RETRY_S = 2.0
+"""retry_after_s suggested while the shared queue store is unreachable."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Session:
     # ----- client messages -----
 
     async def handle(self, message: ClientMessage) -> None:
+        try:
+            await self._handle(message)
+        except StoreUnavailable as exc:
+            raise ProtocolError(
+                ErrorCode.INTERNAL, f"{exc}; nothing was changed, try again", retry_after_s=STORE_RETRY_S
+            ) from None
+
+    async def _handle(self, message: ClientMessage) -> None:
         if isinstance(message, Ping):
             self.outbox.send(Pong(id=message.id).encode())
         elif isinstance(message, Hello):
@@ -184,7 +195,7 @@ class Session:
         request = Request(ticket.id, message, self._audio_input(message))
         owner = RequestOwner(session_id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
         owner.adopted = True
-        self.services.admission.adopt(ticket.id, owner, serving=False)
+        self.services.admission.adopt(ticket.id, owner)
         return owner
 
     async def _take_handoff(self, token: str, identity: Identity) -> Grant | None:
@@ -265,7 +276,7 @@ class Session:
         self.handoff = None
         request = Request(grant.ticket.id, message, audio)
         owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
-        self.services.admission.adopt(request.ticket_id, owner, serving=True)
+        self.services.admission.serve(grant, owner)
         self.request = request
         self.machine.apply(Event.START)
         if not owner.granted(grant):

@@ -30,10 +30,10 @@ def render_nginx_conf(template: str, listen: int, ports: list[int], tmp: Path) -
     temp_paths = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi",
                                                                           "uwsgi", "scgi"))
     conf = conf.replace("http {\n", "http {\n" + temp_paths, 1)
-    conf = re.sub(r"node-(\d+):8000", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", conf)
     # the shipped file names three nodes; a smaller cluster drops the others
     for n in range(len(ports), 3):
-        conf = re.sub(rf".*node-{n}.*\n|.*/node/{n}/.*\n", "", conf)
+        conf = re.sub(rf".*node-{n}.*\n", "", conf)
+    conf = re.sub(r"node-(\d+):8000", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", conf)
     return conf
 
 
