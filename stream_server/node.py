@@ -61,6 +61,8 @@ def admission_store(settings: Settings) -> AdmissionStore:
         grant_ttl_s=cluster.grant_ttl_s,
         pool=cluster.pool,
         url=stream_url(settings.server.public_url),
+        tier_pools=settings.pools.tiers,
+        overflow=settings.pools.overflow,
     )
 
 
@@ -89,7 +91,9 @@ class Node:
         store = admission_store(settings)
         # A shared line compares times taken on different machines: the wall clock.
         clock = time.time if isinstance(store, RedisAdmissionStore) else time.monotonic
-        self.admission: Admission[RequestOwner] = Admission(AdmissionPolicy(settings.queue), store, clock)
+        self.admission: Admission[RequestOwner] = Admission(
+            AdmissionPolicy(settings.queue, settings.pools), store, clock
+        )
         self.dispatcher = Dispatcher(
             self.admission,
             self.metrics,
@@ -225,4 +229,7 @@ class Node:
             etas = [e for t, e in zip(view.waiting, view.eta_s, strict=True) if t.tier == tier]
             last = etas[-1] if etas else None
             tiers[tier] = {"size": len(etas), "eta_s": None if last is None else round(last, 1)}
-        return {"tiers": tiers, "slots": {"total": view.slots_total, "busy": view.slots_busy}}
+        slots: dict[str, object] = {"total": view.slots_total, "busy": view.slots_busy}
+        if view.pools:
+            slots["pools"] = {name: {"total": n, "busy": busy} for name, (n, busy) in sorted(view.pools.items())}
+        return {"tiers": tiers, "slots": slots}

@@ -80,6 +80,15 @@ class ClusterSettings(BaseModel):
     drain_timeout_s: float = 600.0
 
 
+class PoolSettings(BaseModel):
+    tiers: dict[str, list[str]] = Field(default_factory=dict)
+    overflow: dict[str, list[str]] = Field(default_factory=dict)
+
+    def primary(self, tier: str) -> list[str] | None:
+        """The pools whose slots ``tier`` is granted; ``None``: any pool."""
+        return self.tiers.get(tier)
+
+
 class LimitSettings(BaseModel):
     max_audio_seconds: float = 120.0
     max_audio_bytes: int = 20_000_000
@@ -127,6 +136,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    pools: PoolSettings = Field(default_factory=PoolSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
@@ -158,6 +168,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 'queue.store = "redis" needs server.public_url: the URL other nodes redirect clients to'
             )
+        unknown = [t for t in [*self.pools.tiers, *self.pools.overflow] if t not in self.queue.tiers]
+        if unknown:
+            raise ValueError(f"pools names unknown tiers: {', '.join(unknown)}")
         if self.cluster.grant_ttl_s <= 0 or self.cluster.lease_s <= 0:
             raise ValueError("cluster.lease_s and cluster.grant_ttl_s must be positive")
         if self.engine.slots < 0:

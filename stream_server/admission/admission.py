@@ -32,6 +32,8 @@ class QueueView:
     slots_total: int
     slots_busy: int
     busy: list[tuple[str, float]]
+    pools: dict[str, tuple[int, int]]
+    """(slots, busy) per pool of the live nodes (a shared store); empty on one node."""
 
 
 class Admission(Generic[OwnerT]):
@@ -197,12 +199,18 @@ class Admission(Generic[OwnerT]):
         """The whole line in grant order with each ticket's estimated wait."""
         await self._expire(now)
         line = await self.store.line(now)
+        if line.pool_slots:
+            eta = self.policy.estimates_in_pools(line.waiting, line.busy, line.busy_pools, line.pool_slots, line.times)
+        else:
+            eta = self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times)
+        pools = {p: (n, line.busy_pools.count(p)) for p, n in line.pool_slots.items()}
         return QueueView(
             waiting=line.waiting,
-            eta_s=self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times),
+            eta_s=eta,
             slots_total=line.slots_total,
             slots_busy=len(line.busy),
             busy=line.busy,
+            pools=pools,
         )
 
     def owner(self, ticket_id: str) -> OwnerT | None:

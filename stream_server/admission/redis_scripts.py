@@ -214,27 +214,78 @@ changed()
 return m
 """
 
-# ARGV: prefix, now, this node, grant id, grant deadline, grant ttl (ms).
+# ARGV: prefix, now, this node, grant id, grant deadline, grant ttl (ms), tier -> pools (JSON),
+# tier -> overflow pools (JSON). The first waiting ticket that a free slot may serve is granted:
+# a slot of one of its tier's pools (any pool for a tier not mapped), else of one of its overflow
+# pools to which no waiting ticket's tier is mapped; on its own node if that has one.
 POP_AND_RESERVE = COMMON + """
 local now, me = ARGV[2], ARGV[3]
-local first = redis.call('ZRANGE', k('wait'), 0, 0)
-if #first == 0 then return false end
-local m = first[1]
-local t = decode(m)
+local primary, overflow = cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
 local _, live = slots_total(now)
 local used = {}
 for _, e in ipairs(redis.call('HVALS', k('busy'))) do
   local n = cjson.decode(e)[3]
   used[n] = (used[n] or 0) + 1
 end
-local best, best_free = false, 0
+local free, pool_of, nodes = {}, {}, {}
 for _, n in ipairs(live) do
   if redis.call('SISMEMBER', k('drain'), n) == 0 then
-    local free = tonumber(redis.call('HGET', k('nslots'), n) or '0') - (used[n] or 0)
-    if free > 0 and (n == t[7] or (best ~= t[7] and free > best_free)) then best, best_free = n, free end
+    local f = tonumber(redis.call('HGET', k('nslots'), n) or '0') - (used[n] or 0)
+    if f > 0 then
+      free[n] = f
+      pool_of[n] = redis.call('HGET', k('npool'), n) or ''
+      table.insert(nodes, n)
+    end
   end
 end
-if not best then return false end
+if #nodes == 0 then return false end
+table.sort(nodes)
+local function pick(owner, allowed)
+  local best, best_free = false, 0
+  for _, n in ipairs(nodes) do
+    if allowed == nil or allowed[pool_of[n]] then
+      if n == owner then return n end
+      if free[n] > best_free then best, best_free = n, free[n] end
+    end
+  end
+  return best
+end
+local function set_of(list)
+  local out = {}
+  for _, x in ipairs(list) do out[x] = true end
+  return out
+end
+local waiting = redis.call('ZRANGE', k('wait'), 0, -1)
+local demanded = false
+local m, t, best = false, false, false
+local full = {}
+for _, candidate in ipairs(waiting) do
+  local c = decode(candidate)
+  local tier = c[3]
+  if not full[tier] then
+    local prim = primary[tier]
+    local node = pick(c[7], prim and set_of(prim) or nil)
+    if not node and overflow[tier] then
+      if not demanded then
+        demanded = {}
+        for _, other in ipairs(waiting) do
+          for _, p in ipairs(primary[decode(other)[3]] or {}) do demanded[p] = true end
+        end
+      end
+      local allowed = {}
+      for _, p in ipairs(overflow[tier]) do
+        if not demanded[p] then allowed[p] = true end
+      end
+      node = pick(c[7], allowed)
+    end
+    if node then
+      m, t, best = candidate, c, node
+      break
+    end
+    full[tier] = true
+  end
+end
+if not m then return false end
 redis.call('ZREM', k('wait'), m)
 redis.call('HDEL', k('wm'), t[1])
 redis.call('HSET', k('busy'), t[1], cjson.encode({m, now, best}))
@@ -278,12 +329,19 @@ return b[1]
 """
 
 LINE = COMMON + """
-local total = slots_total(ARGV[2])
+local total, live = slots_total(ARGV[2])
+local pools = {}
+for _, n in ipairs(live) do
+  table.insert(pools, n)
+  table.insert(pools, redis.call('HGET', k('npool'), n) or '')
+  table.insert(pools, redis.call('HGET', k('nslots'), n) or '0')
+end
 return {
   redis.call('ZRANGE', k('wait'), 0, -1),
   redis.call('HVALS', k('busy')),
   total,
   redis.call('HGETALL', k('times')),
+  pools,
 }
 """
 

@@ -82,6 +82,8 @@ class RedisAdmissionStore(AdmissionStore):
         grant_ttl_s: float,
         pool: str = "default",
         url: str = "",
+        tier_pools: dict[str, list[str]] | None = None,
+        overflow: dict[str, list[str]] | None = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -92,6 +94,8 @@ class RedisAdmissionStore(AdmissionStore):
         self.grant_ttl_s = grant_ttl_s
         self.pool = pool
         self.url = url
+        self._tier_pools = json.dumps(tier_pools or {})
+        self._overflow = json.dumps(overflow or {})
         self._scripts: dict[str, AsyncScript] = {}
 
     async def _run(self, name: str, *args: str | int) -> Any:
@@ -204,6 +208,8 @@ class RedisAdmissionStore(AdmissionStore):
             secrets.token_urlsafe(18),
             repr(now + ttl),
             max(1, int(ttl * 1000)),
+            self._tier_pools,
+            self._overflow,
         )
         return None if raw is None else self._grant(raw)
 
@@ -216,12 +222,21 @@ class RedisAdmissionStore(AdmissionStore):
         return None if member is None else decode_ticket(member)
 
     async def line(self, now: float) -> LineState:
-        waiting, busy, total, times = await self._run("LINE", repr(now))
+        waiting, busy, total, times, nodes = await self._run("LINE", repr(now))
+        node_pool: dict[str, str] = {}
+        pool_slots: dict[str, int] = {}
+        for i in range(0, len(nodes), 3):
+            node, pool, slots = _text(nodes[i]), _text(nodes[i + 1]), int(nodes[i + 2])
+            node_pool[node] = pool
+            pool_slots[pool] = pool_slots.get(pool, 0) + slots
+        busy_nodes = [json.loads(_text(e))[2] for e in busy]
         return LineState(
             waiting=[decode_ticket(m) for m in waiting],
             busy=self._busy(busy, now),
             slots_total=max(1, int(total)),
             times=_times(times),
+            pool_slots=pool_slots,
+            busy_pools=[node_pool.get(n, "") for n in busy_nodes],
         )
 
     async def set_slots(self, total: int) -> None:

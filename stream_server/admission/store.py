@@ -10,7 +10,7 @@ join is decided again). No step decides anything: the rules are in ``policy.py``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream_server.admission.eta import ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
@@ -54,6 +54,10 @@ class LineState:
     """(tier, seconds held so far) of every busy slot."""
     slots_total: int
     times: ServiceTimes
+    pool_slots: dict[str, int] = field(default_factory=dict)
+    """Slots per pool of the live nodes (a shared store); empty on one node."""
+    busy_pools: list[str] = field(default_factory=list)
+    """The pool of each busy slot, in the order of ``busy`` (a shared store)."""
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,11 @@ def run_cluster(
             cluster.nginx.wait(10)
 
 
+def slots(summary: dict[str, Any]) -> tuple[int, int]:
+    """(total, busy) slots of a ``/v1/queue`` summary, every pool together."""
+    return summary["slots"]["total"], summary["slots"]["busy"]
+
+
 def s_port(server: RunningServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 

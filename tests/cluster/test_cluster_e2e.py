@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from stream_server.client import Display, fetch_clip
-from tests.cluster.cluster_harness import Cluster, run_cluster
+from tests.cluster.cluster_harness import Cluster, run_cluster, slots
 from tests.server_harness import Client, decode_mp4, mint, tone_wav
 
 pytestmark = pytest.mark.slow
@@ -21,10 +21,10 @@ LIVE = {"avatar": "astronaut", "mode": "live", "transport": "mse", "audio": {"fo
 CLIP = {"avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
 
 
-async def hold(cluster: Cluster, node: int, sub: str) -> Client:
+async def hold(cluster: Cluster, node: int, sub: str, tier: str = "vip") -> Client:
     """A live session holding node ``node``'s one slot."""
     client = await cluster.connect(node)
-    await client.hello(mint(sub, "vip"))
+    await client.hello(mint(sub, tier))
     await client.send("start", **LIVE)
     await client.expect("granted")
     return client
@@ -75,7 +75,7 @@ async def test_three_nodes_behind_nginx_keep_one_line_in_global_priority_order(
             await wait_position(waiting[sub], position)
         summary = cluster.queue(1)
         assert {t: s["size"] for t, s in summary["tiers"].items()} == {"vip": 2, "normal": 2, "low": 2}
-        assert summary["slots"] == {"total": 3, "busy": 3}
+        assert slots(summary) == (3, 3)
 
         # free one slot at a time: grants follow the global order, wherever the slot is
         serving = list(holders)
@@ -92,7 +92,7 @@ async def test_three_nodes_behind_nginx_keep_one_line_in_global_priority_order(
         for sub in order:
             client = waiting[sub]
             assert len(client.of_type("granted")) + len(client.of_type("redirect")) == 1
-        assert cluster.queue(0)["slots"] == {"total": 3, "busy": 3}
+        assert slots(cluster.queue(0)) == (3, 3)
         for client in serving:
             await client.close()
 
@@ -151,12 +151,12 @@ async def test_sigkill_of_a_node_while_clients_wait_and_while_it_streams(
         await w2.hello(mint("w2", "normal"))
         await w2.send("start", **LIVE)
         await wait_position(w2, 2)
-        assert cluster.queue(0)["slots"] == {"total": 3, "busy": 3}
+        assert slots(cluster.queue(0)) == (3, 3)
 
         cluster.nodes[1].process.kill()
         killed = time.monotonic()
         # within the lease: node 1's slots and its streaming session are gone, w1 is held for a resume
-        while cluster.queue(0)["slots"] != {"total": 2, "busy": 2}:
+        while slots(cluster.queue(0)) != (2, 2):
             assert time.monotonic() - killed < lease + 3, cluster.queue(0)
             await asyncio.sleep(0.1)
         await wait_position(w2, 1)
@@ -181,6 +181,6 @@ async def test_sigkill_of_a_node_while_clients_wait_and_while_it_streams(
         w2_streaming = await take_slot(cluster, w2, mint("w2", "normal"), LIVE)
         for client in (back, streaming, w2):
             assert len(client.of_type("granted")) + len(client.of_type("redirect")) <= 1
-        assert cluster.queue(2)["slots"] == {"total": 2, "busy": 1}
+        assert slots(cluster.queue(2)) == (2, 1)
         for c in (w2_streaming, h1, w1):
             await c.close()

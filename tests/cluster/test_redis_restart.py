@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.cluster_harness import run_cluster
+from tests.cluster.cluster_harness import run_cluster, slots
 from tests.cluster.redis_helpers import private_redis, unique_prefix
 from tests.cluster.test_cluster_e2e import LIVE, hold, take_slot, wait_position
 from tests.server_harness import mint
@@ -42,7 +42,7 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
         lost = await waiter.expect("error", timeout=LEASE_S * 4)
         assert lost["code"] == "internal" and "start again" in lost["message"]
         deadline = time.monotonic() + LEASE_S * 4
-        while cluster.queue(0)["slots"] != {"total": 2, "busy": 2}:
+        while slots(cluster.queue(0)) != (2, 2):
             assert time.monotonic() < deadline, cluster.queue(0)
             await asyncio.sleep(0.1)
 
@@ -59,7 +59,7 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
         assert not waiter.of_type("granted") and not waiter.of_type("redirect"), "one slot, one grant"
         await h1.send("cancel")
         normal = await take_slot(cluster, waiter, mint("waiter", "normal"), LIVE)
-        assert cluster.queue(1)["slots"] == {"total": 2, "busy": 2}
+        assert slots(cluster.queue(1)) == (2, 2)
         for client in (vip, normal, newcomer, waiter):
             assert len(client.of_type("granted")) + len(client.of_type("redirect")) <= 1
         for client in (vip, normal, h0, h1):
