@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from stream_server.admission.admission import Admission
+from stream_server.admission.admission import Admission, QueueView
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.store import Grant
 from stream_server.cluster.grants import GrantClaim, GrantTokens
@@ -106,6 +106,22 @@ class Dispatcher(Generic[OwnerT]):
         elif owner is None or not owner.granted(grant):
             await self.release(ticket.id, served=False)
 
+    def _pool_metrics(self, view: QueueView) -> None:
+        pools = self.admission.policy.pools
+        waiting = dict.fromkeys(view.pools, 0)
+        last_eta = dict.fromkeys(view.pools, 0.0)
+        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
+            for pool in pools.primary(ticket.tier) or list(view.pools):
+                waiting[pool] = waiting.get(pool, 0) + 1
+                last_eta[pool] = max(last_eta.get(pool, 0.0), eta or 0.0)
+        m = self.metrics
+        for pool, n in waiting.items():
+            total, busy = view.pools.get(pool, (0, 0))
+            m.pool_waiting.labels(pool).set(n)
+            m.pool_wait_estimate.labels(pool).set(last_eta[pool])
+            m.pool_slots.labels(pool).set(total)
+            m.pool_slots_busy.labels(pool).set(busy)
+
     async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
         view = await self.admission.view(self.admission.clock())
         size = len(view.waiting)
@@ -118,5 +134,7 @@ class Dispatcher(Generic[OwnerT]):
                 owner.queued(position, size, eta, force=position % HEARTBEAT_PHASES == heartbeat_phase)
         for tier, n in counts.items():
             self.metrics.queue_waiting.labels(tier).set(n)
+        if view.pools:
+            self._pool_metrics(view)
         self.metrics.slots_busy.set(view.slots_busy)
         self.metrics.render_fps.set(self.render_fps())
