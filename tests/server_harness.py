@@ -47,8 +47,9 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, **env: str) -> Iterator[RunningServer]:
-    port = free_port()
+def run_server(tmp: Path, *, port: int | None = None, **env: str) -> Iterator[RunningServer]:
+    """The server on ``port`` (a free one by default), with ``env`` over the test defaults."""
+    port = port or free_port()
     data = tmp / "data"
     log_path = tmp / "server.log"
     environment = {
