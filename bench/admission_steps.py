@@ -47,7 +47,14 @@ def commandstats(url: str) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in info.items()}
 
 
-async def cycles(store: AdmissionStore, n: int, waiting: int, ready: Callable[[], None] = lambda: None) -> float:
+def used_memory(url: str) -> int:
+    info: dict[str, Any] = redis.Redis.from_url(url).info("memory")
+    return int(info["used_memory"])
+
+
+async def cycles(
+    store: AdmissionStore, n: int, waiting: int, ready: Callable[[], None] = lambda: None
+) -> float:
     """Cycles per second, with ``waiting`` tickets behind (``ready`` is called once they are in)."""
     q: Admission[TicketOwner] = Admission(AdmissionPolicy(queue_settings(waiting)), store)
     now = 1000.0
@@ -75,7 +82,14 @@ async def run(n: int, waiting: int, url: str) -> dict[str, object]:
     try:
         await store.heartbeat(0.0, 1e12)
         before: dict[str, int] = {}
-        shared = await cycles(store, n, waiting, lambda: before.update(commandstats(url)))
+        memory_before = used_memory(url)
+        line_bytes: list[int] = []
+
+        def ready() -> None:
+            line_bytes.append(used_memory(url) - memory_before)
+            before.update(commandstats(url))
+
+        shared = await cycles(store, n, waiting, ready)
         after = commandstats(url)
     finally:
         keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
@@ -94,6 +108,7 @@ async def run(n: int, waiting: int, url: str) -> dict[str, object]:
         "memory_over_redis": round(memory / shared, 1),
         "redis_round_trips_per_cycle": round(per_cycle_scripts, 2),
         "redis_commands_per_cycle_in_scripts": round(inner / n, 1),
+        "redis_bytes_per_waiting_ticket": round(line_bytes[0] / max(1, waiting)),
         "commands_by_name": {k: v for k, v in sorted(delta.items()) if v},
     }
 

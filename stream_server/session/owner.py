@@ -25,6 +25,8 @@ class RequestOwner(TicketOwner):
         outbox: Outbox,
         start: Callable[[Grant], bool],
         hand_off: Callable[[], bool],
+        *,
+        placed: bool = False,
     ) -> None:
         self.resume_key = resume_key
         self.tier = tier
@@ -32,7 +34,8 @@ class RequestOwner(TicketOwner):
         self.outbox = outbox
         self._start = start
         self._hand_off = hand_off
-        self._last_position: int | None = None
+        self._last_position: int | None = 0 if placed else None
+        """The last position pushed; 0: the client heard of its place elsewhere (a redirect)."""
         self.adopted = False
         """Taken over from a node that went away (its audio did not come along)."""
 

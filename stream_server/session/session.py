@@ -275,7 +275,9 @@ class Session:
         assert self.identity is not None
         self.handoff = None
         request = Request(grant.ticket.id, message, audio)
-        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
+        owner = RequestOwner(
+            self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off, placed=True
+        )
         self.services.admission.serve(grant, owner)
         self.request = request
         self.machine.apply(Event.START)
