@@ -38,7 +38,8 @@ def queue_settings(waiting: int) -> QueueSettings:
     big = 1e9  # no estimate refusals: this measures the steps, not the policy's verdicts
     return QueueSettings(
         global_cap=waiting + 10,
-        tiers={t: TierSettings(max_wait_s=big + i, cap=waiting + 10) for i, t in enumerate(TIERS)},
+        # low far behind: the tickets waiting behind never come first
+        tiers={t: TierSettings(max_wait_s=big + i * 1e7, cap=waiting + 10) for i, t in enumerate(TIERS)},
     )
 
 

@@ -51,8 +51,13 @@ def admission_store(settings: Settings) -> AdmissionStore:
         return MemoryAdmissionStore(list(queue.tiers), settings.engine.slots)
     import redis.asyncio as aioredis
 
+    # A thousand sockets may join at once: they wait for one of the pool's connections.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        queue.redis_url, max_connections=queue.redis_max_connections, timeout=5, socket_timeout=5,
+        socket_connect_timeout=5,
+    )
     return RedisAdmissionStore(
-        aioredis.Redis.from_url(queue.redis_url, socket_timeout=5, socket_connect_timeout=5),
+        aioredis.Redis(connection_pool=pool),
         prefix=queue.redis_prefix,
         node_id=cluster.node_id or f"{socket.gethostname()}-{os.getpid()}",
         tiers=list(queue.tiers),
@@ -200,6 +205,7 @@ class Node:
         store = self.admission.store
         if isinstance(store, RedisAdmissionStore):
             await store.client.aclose()
+            await store.client.connection_pool.disconnect()
 
     async def _calibrate_slots(self, avatar_id: str) -> None:
         """``engine.slots = 0``: admit as many sessions as the measured render rate keeps at

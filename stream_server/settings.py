@@ -59,6 +59,7 @@ class QueueSettings(BaseModel):
     store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "mts:"
+    redis_max_connections: int = 64
     global_cap: int = 1000
     per_identity_cap: int = 1
     resume_grace_s: float = 30.0
