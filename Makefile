@@ -29,7 +29,7 @@ test: setup-test ## run the whole test suite
 	$(BIN)/python -m pytest -q
 
 lint: setup-test ## ruff on everything, mypy strict on the server and the engines
-	$(BIN)/ruff check stream_server inference bench tests
+	$(BIN)/ruff check stream_server inference bench tests examples
 	$(BIN)/mypy
 
 clean:

@@ -22,7 +22,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import cv2
 import numpy as np
 
-from inference.avatar_store import DEFAULT_AVATAR_ID, AvatarStore
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.engine import FEATURE_SAMPLE_RATE, FEATURE_SAMPLES_PER_FRAME, FrameRequest
 from inference.lite import LiteFeatures, LiteRenderer
 

@@ -1,14 +1,18 @@
 """Queue fan-out: N clients wait in line; how fast does a grant reach them all?
 
-One server process, or ``--nodes`` processes sharing the line in Redis (one slot each, the
-clients spread over them; a grant of another node's slot is a redirect, which the client follows
-as it must). One slot (per node), held by a session. N clients join (clip mode, each with its own token). Each round
-cancels the session holding the slot: the next client is granted and every other client must hear
-its new position. Reported: the time from the cancel to each client's new position (p50, p99, max
-over all clients and rounds), the server's memory per waiting client (RSS growth / N), and the
-server's event-loop lag while it happens.
+One server process, or ``--nodes`` processes sharing the line in Redis (one slot each, the clients
+spread over them; a grant of another node's slot is a redirect, which the client follows as it
+must, becoming the new holder). Each slot is held by a session. N clients join (clip mode, each
+with its own token). Each round cancels a session holding a slot: the next client is granted and
+every other client must hear its new position. Reported: the time from the cancel to each client's
+new position (p50, p99, max over all clients and rounds), the servers' memory per waiting client
+(RSS growth / N), and the largest event-loop lag while it happens. With ``--upload-s S`` each
+waiting client first sends an S-second WAV clip and ``audio_end``: the memory per waiting client
+then includes its upload, which the server keeps as received (on disk beyond
+``limits.audio_spool_bytes``) until the grant.
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
+    python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
     python -m bench.queue_fanout --clients 1000 --rounds 20 --nodes 3   # needs Redis on 127.0.0.1:6379
 """
 
@@ -32,17 +36,18 @@ from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from bench.common import lag_buckets, lag_p99_between, metric, percentile
-from tests.server_harness import RunningServer, free_port, mint, run_server
+from tests.server_harness import RunningServer, free_port, mint, run_server, tone_wav
 
 
 class Waiter(asyncio.Protocol):
     """A lean websocket client (websockets' sans-I/O protocol on a bare asyncio transport): with a
     thousand clients on the same two cores as the server, a heavier client would measure itself."""
 
-    def __init__(self, uri: str, hello: dict[str, object], start: dict[str, object]) -> None:
+    def __init__(self, uri: str, hello: dict[str, object], start: dict[str, object], upload: bytes | None) -> None:
         self.ws = ClientProtocol(parse_uri(uri), max_size=None)
         self.transport: asyncio.Transport | None = None
         self.opening = [hello, start]
+        self.upload = upload
         self.position: int | None = None
         self.changed_at = 0.0
         self.granted_at: float | None = None
@@ -62,6 +67,9 @@ class Waiter(asyncio.Protocol):
             if isinstance(event, Response):
                 for message in self.opening:
                     self.send(message)
+                if self.upload is not None:
+                    self.ws.send_binary(self.upload)
+                    self.send({"type": "audio_end"})
             elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
                 self._on_message(json.loads(event.data), now)
         self._flush()
@@ -96,24 +104,24 @@ class Waiter(asyncio.Protocol):
 START = {"type": "start", "avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
 
 
-async def open_waiter(ws_url: str, sub: str, resume: str | None = None) -> Waiter:
+async def open_waiter(ws_url: str, sub: str, upload: bytes | None = None, resume: str | None = None) -> Waiter:
     hello: dict[str, object] = {"type": "hello", "token": mint(sub, "normal")}
     if resume:
         hello["resume"] = resume
     host, port = ws_url.removeprefix("ws://").split("/")[0].split(":")
     _, waiter = await asyncio.get_running_loop().create_connection(
-        lambda: Waiter(ws_url, hello, START), host, int(port)
+        lambda: Waiter(ws_url, hello, START, upload), host, int(port)
     )
     return waiter
 
 
-async def take_up(waiter: Waiter, sub: str) -> Waiter:
-    """The waiter that was just granted, as the session holding the slot: itself, or (redirected)
-    a socket to the slot's node with the grant."""
+async def take_up(waiter: Waiter, sub: str, upload: bytes | None) -> Waiter:
+    """The waiter just granted, as the session holding the slot: itself, or (redirected) a socket
+    to the slot's node with the grant, sending its start (and upload) there again."""
     if waiter.redirect is None:
         return waiter
     url, grant = waiter.redirect
-    moved = await open_waiter(url, sub, resume=grant)
+    moved = await open_waiter(url, sub, upload, resume=grant)
     await asyncio.wait_for(moved.changed.wait(), 30)
     waiter.close()
     return moved
@@ -151,26 +159,36 @@ def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]
                     client.delete(*keys)
 
 
-async def run(clients: int, rounds: int, nodes: int) -> dict[str, object]:
+async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int) -> dict[str, object]:
+    upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), clients, nodes) as running:
         procs = [psutil.Process(s.process.pid) for s in running]
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in procs)
+
         holders = []
         for n, server in enumerate(running):
             holder = await open_waiter(server.ws_url, f"holder-{n}")
             await asyncio.wait_for(holder.changed.wait(), 30)
             holders.append(holder)
         await asyncio.sleep(1.0)
-        rss_before = sum(p.memory_info().rss for p in procs)
+        rss_before = rss()
         waiters: list[Waiter] = []
         subs: dict[int, str] = {}
         for i in range(clients):
-            waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}")
+            waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}", upload)
             subs[id(waiter)] = f"user-{i}"
             waiters.append(waiter)
         while any(w.position is None for w in waiters):
             await asyncio.sleep(0.1)
+        if upload is not None:
+            while sum(metric(s, "mts_queued_audio_bytes") for s in running) < clients * len(upload):
+                await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
-        rss_after = sum(p.memory_info().rss for p in procs)
+        rss_after = rss()
+        await asyncio.sleep(settle_s)
+        rss_settled = rss()
         lag_joining = max(metric(s, "mts_event_loop_lag_p99_seconds") for s in running)
         buckets_before = [lag_buckets(s) for s in running]
 
@@ -197,17 +215,20 @@ async def run(clients: int, rounds: int, nodes: int) -> dict[str, object]:
             round_max.append(max(got))
             granted = next(w for w in waiting if w.position == 0)
             redirects += granted.redirect is not None
-            holders.append(await take_up(granted, subs[id(granted)]))
+            holders.append(await take_up(granted, subs[id(granted)], upload))
         lag_rounds = max(lag_p99_between(b, lag_buckets(s)) for b, s in zip(buckets_before, running, strict=True))
         result = {
             "clients": clients,
             "nodes": nodes,
-            "rounds": len(round_max),
             "grants_that_were_redirects": redirects,
+            "rounds": len(round_max),
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "max_ms": 1000 * max(latencies),
+            "upload_bytes_per_client": len(upload) if upload is not None else 0,
             "kb_per_client": (rss_after - rss_before) / clients / 1024,
+            "kb_per_client_settled": (rss_settled - rss_before) / clients / 1024,
+            "settle_s": 1.0 + settle_s,
             "round_max_ms": [round(1000 * m, 1) for m in round_max],
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
             "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_rounds,
@@ -221,9 +242,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--upload-s", type=float, default=0.0, help="each waiting client sends a clip this long")
+    parser.add_argument("--settle-s", type=float, default=15.0,
+                        help="measure memory again this much later (allocators give freed memory back with a delay)")
     parser.add_argument("--nodes", type=int, default=1, help="server processes sharing the line in Redis")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.nodes))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import lag_buckets, lag_p99_between, percentile
-from inference.avatar_store import DEFAULT_AVATAR_ID, AvatarStore
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.engine import FEATURE_SAMPLES_PER_FRAME, OUTPUT_SAMPLES_PER_FRAME, Frame, FrameRequest
 from inference.lite import LiteRenderer
 from stream_server.transports.fmp4 import FragmentedMp4Muxer

@@ -16,12 +16,16 @@ audio samples of that interval, so audio and video can never drift apart.
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from inference.avatars.layout import AvatarLayout, FaceBox, replace_dir, stage_dir
 
 FPS = 25
 FEATURE_SAMPLE_RATE = 16_000
@@ -100,18 +104,93 @@ class AudioFeaturizer(ABC):
 
 
 class Renderer(ABC):
-    """A talking-head model. Lives on one worker thread; ``render`` may batch across sessions."""
+    """A talking-head model. Lives on one worker thread; ``render`` may batch across sessions.
+
+    The avatar contract: an engine prepares an avatar from a source image or video into a folder
+    it is given (``prepare_avatar_dir``), loads one back (``load_avatar_dir``), stamps what it
+    writes with its ``preparation_version`` (read back by ``recorded_version``), and names the
+    entries that make a prepared folder complete (``avatar_files``). Where the folder is, and that
+    it is swapped in atomically, is ``inference.avatars``' business, never the engine's.
+    """
 
     name: str
     max_batch: int = 1
+    avatar_root: Path | None = None
+    """The store's root, for the id-based ``prepare_avatar``/``load_avatar`` (``None``: only the
+    folder-based methods can be used)."""
+
+    # ----- the avatar contract -----
+
+    @property
+    @abstractmethod
+    def preparation_version(self) -> str:
+        """A hash of everything that shapes prepared data (code, parameters, weights). Data
+        prepared under another version is stale: it is prepared again, never served."""
+
+    @property
+    @abstractmethod
+    def avatar_files(self) -> tuple[str, ...]:
+        """The files and folders every complete prepared folder of this engine holds."""
 
     @abstractmethod
-    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> PreparedAvatar:
-        """Prepare an avatar from an image or video file (slow; done once and cached)."""
+    def prepare_avatar_dir(
+        self,
+        directory: Path,
+        avatar_id: str,
+        name: str,
+        source: Path | str,
+        *,
+        face_box: FaceBox | None = None,
+    ) -> PreparedAvatar:
+        """Prepare ``source`` (slow) and write the avatar into ``directory`` (new, or an empty
+        folder; the caller moves it into place). ``face_box`` (x, y, w, h in the source's pixels)
+        skips face detection. Raises ``ValueError`` for a source it cannot use."""
 
     @abstractmethod
+    def load_avatar_dir(self, directory: Path) -> PreparedAvatar | None:
+        """The avatar in ``directory``; ``None`` if it is missing, incomplete, damaged or stale
+        (``avatar_problem`` says which)."""
+
+    @abstractmethod
+    def recorded_version(self, directory: Path) -> str | None:
+        """The preparation version the data in ``directory`` records; ``None`` if unreadable."""
+
+    def avatar_problem(self, directory: Path) -> str | None:
+        """Why the data in ``directory`` cannot be served as it is, in words; ``None`` when it is
+        complete and current (it may still turn out damaged when loaded)."""
+        missing = [f for f in self.avatar_files if not (directory / f).exists()]
+        if missing:
+            return f"incomplete ({', '.join(missing)} missing)"
+        recorded = self.recorded_version(directory)
+        if recorded != self.preparation_version:
+            return f"stale (prepared by version {recorded}, this engine prepares {self.preparation_version})"
+        return None
+
+    # ----- by id, under avatar_root (the store's layout) -----
+
+    def prepare_avatar(self, avatar_id: str, name: str, source: str | Path) -> PreparedAvatar:
+        """Prepare into ``<avatar_root>/<id>/<name>``, replacing what is there atomically."""
+        final = self._avatar_dir(avatar_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = stage_dir(final.parent, self.name)
+        try:
+            avatar = self.prepare_avatar_dir(stage, avatar_id, name, source)
+            replace_dir(stage, final)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return avatar
+
     def load_avatar(self, avatar_id: str) -> PreparedAvatar | None:
-        """Load an avatar prepared earlier, or ``None`` if there is none."""
+        """The avatar in ``<avatar_root>/<id>/<name>`` (see ``load_avatar_dir``)."""
+        return self.load_avatar_dir(self._avatar_dir(avatar_id))
+
+    def _avatar_dir(self, avatar_id: str) -> Path:
+        if self.avatar_root is None:
+            raise RuntimeError(f"the {self.name} renderer has no avatar_root: use the folder-based methods")
+        return AvatarLayout(self.avatar_root).engine_dir(avatar_id, self.name)
+
+    # ----- frames -----
 
     @abstractmethod
     def new_featurizer(self, mode: str = "live") -> AudioFeaturizer:

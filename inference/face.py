@@ -14,6 +14,7 @@ a 4.x version).
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,26 @@ INSTALL_HINT = "install opencv-python-headless<5 (the version this project pins)
 
 FaceBox = tuple[float, float, float, float]
 """A face box: x, y, width, height in pixels."""
+
+
+@dataclass(frozen=True)
+class FaceReport:
+    """How faces were found over an avatar's frames, for the avatar's metadata and its job.
+
+    ``no_face``: frames where no face was found; they keep their place (frames, latents and
+    geometry stay index for index) and take a neighbouring frame's box, or are shown unchanged.
+    ``fallback``: frames whose face box (or, for the lite engine, mouth) came from a fallback rather
+    than the engine's main method. ``method``: the main method (``"landmarks"`` for DWPose,
+    ``"features"`` for the offline estimate, ``"proportions"`` for the Haar box, ``"given"``).
+    """
+
+    frames: int
+    no_face: int
+    fallback: int
+    method: str
+
+    def to_json(self) -> dict[str, int | str]:
+        return asdict(self)
 
 
 class FaceDetectorUnavailable(RuntimeError):
@@ -49,8 +70,7 @@ def cascade_file(name: str) -> Path:
     path = Path(folder) / name if folder else None
     if path is None or not path.is_file():
         raise FaceDetectorUnavailable(
-            f"OpenCV {cv2.__version__} does not ship the Haar cascade {name} in "
-            f"cv2.data.haarcascades: {INSTALL_HINT}"
+            f"OpenCV {cv2.__version__} does not ship the Haar cascade {name} in cv2.data.haarcascades: {INSTALL_HINT}"
         )
     return path
 
@@ -91,8 +111,8 @@ class FaceDetector:
                     maxSize=(max_size, max_size) if max_size else (0, 0),
                 )
             if len(boxes):
-                boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
-                return np.concatenate([boxes, np.asarray(counts, np.int64).reshape(-1, 1)], axis=1)
+                rows = np.asarray(boxes, np.int64).reshape(-1, 4)
+                return np.concatenate([rows, np.asarray(counts, np.int64).reshape(-1, 1)], axis=1)
         return np.zeros((0, 5), np.int64)
 
     def detect(self, gray: np.ndarray, near: FaceBox | None = None) -> FaceBox | None:
@@ -140,7 +160,10 @@ def pick(rows: np.ndarray, centre: tuple[float, float] | None) -> np.ndarray:
     best: a weak hit is usually a false one), then the largest, or with ``centre`` the nearest."""
     confident = rows[rows[:, 4] * 2 >= rows[:, 4].max()]
     if centre is None:
-        return confident[int(np.argmax(confident[:, 2] * confident[:, 3]))]
-    cx = confident[:, 0] + confident[:, 2] / 2 - centre[0]
-    cy = confident[:, 1] + confident[:, 3] / 2 - centre[1]
-    return confident[int(np.argmin(np.hypot(cx, cy)))]
+        best = int(np.argmax(confident[:, 2] * confident[:, 3]))
+    else:
+        cx = confident[:, 0] + confident[:, 2] / 2 - centre[0]
+        cy = confident[:, 1] + confident[:, 3] / 2 - centre[1]
+        best = int(np.argmin(np.hypot(cx, cy)))
+    row: np.ndarray = confident[best]
+    return row

@@ -1,8 +1,10 @@
 """The node's engine: the renderer chosen by configuration, its frame workers and its avatars.
 
-Avatars live under ``<data_dir>/avatars``, one folder per avatar (``<id>/``) with the source, the
-store's ``store.json`` and one subfolder per engine (``lite/``, ``musetalk/``): the
-``AvatarStore`` owns that layout, and the renderers are given the same root.
+Avatars live under ``<data_dir>/avatars`` in the layout of ``inference.avatars.layout``: the
+``AvatarStore`` owns it, and the renderers are given the same root for their id-based helpers.
+
+Nothing is chosen silently: ``engine.kind = "musetalk"`` with an incomplete models folder fails
+here, naming the missing files; ``auto`` logs a warning that says why it serves the lite engine.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.avatar_store import AvatarStore
+from inference.avatars.store import AvatarStore
 from inference.engine import PreparedAvatar, Renderer
 from inference.stream import EngineStream, StreamMode
 from inference.worker import FrameWorker
 
 log = logging.getLogger(__name__)
+
+KINDS = ("auto", "lite", "musetalk")
 
 
 @dataclass(frozen=True)
@@ -36,40 +40,82 @@ def avatar_root(config: EngineConfig) -> Path:
     return config.data_dir / "avatars"
 
 
-def worker_device(device: str, index: int) -> str:
-    """``cuda`` with several workers means one GPU each: ``cuda:0``, ``cuda:1``, ..."""
-    return f"cuda:{index}" if device == "cuda" else device
+def musetalk_problems(models_dir: Path) -> list[str]:
+    """What is missing for MuseTalk under ``models_dir``, one line per file; empty when usable."""
+    from inference.musetalk.layout import check_models
+
+    return check_models(models_dir)
 
 
-def build_renderer(config: EngineConfig, index: int = 0) -> Renderer:
-    """``musetalk`` when asked for or when ``auto`` finds a complete models folder, else
-    ``lite``."""
-    kind = config.kind
-    if kind == "auto":
-        kind = "lite"
-        if config.models_dir.is_dir():
-            from inference.musetalk import check_models
+def choose_kind(config: EngineConfig) -> str:
+    """``lite`` or ``musetalk``. An explicit ``musetalk`` whose models are incomplete raises
+    ``MissingModelsError`` naming the files; ``auto`` then warns and takes ``lite``."""
+    if config.kind not in KINDS:
+        raise ValueError(f"engine.kind {config.kind!r} is not one of {KINDS}")
+    if config.kind == "lite":
+        return "lite"
+    if config.kind == "auto" and not config.models_dir.is_dir():
+        log.warning(
+            "engine.kind = auto: serving the lite engine, because there is no models folder %s", config.models_dir
+        )
+        return "lite"
+    problems = musetalk_problems(config.models_dir)
+    if not problems:
+        return "musetalk"
+    if config.kind == "musetalk":
+        from inference.musetalk.layout import MissingModelsError
 
-            problems = check_models(config.models_dir)
-            if not problems:
-                kind = "musetalk"
-            else:
-                log.info(
-                    "models folder incomplete, serving the lite engine: %s", "; ".join(problems)
-                )
+        raise MissingModelsError(config.models_dir, problems)
+    log.warning(
+        "engine.kind = auto: serving the lite engine, because the MuseTalk models in %s are incomplete: %s",
+        config.models_dir,
+        "; ".join(problems),
+    )
+    return "lite"
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    """The torch device of each worker. ``cuda`` means one GPU per worker, worker ``i`` on
+    ``cuda:i`` (so there must be at least ``workers`` GPUs); any other value (``cuda:1``, ``cpu``)
+    puts every worker on that one device."""
+    if device != "cuda":
+        return [device] * workers
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < workers:
+        raise RuntimeError(
+            f'engine.device = "cuda" puts worker i on cuda:i, but engine.workers = {workers} and '
+            f'{visible} CUDA device(s) are visible: lower engine.workers, or name one device '
+            f'(e.g. "cuda:0") for every worker'
+        )
+    return [f"cuda:{i}" for i in range(workers)]
+
+
+def build_renderers(config: EngineConfig) -> list[Renderer]:
+    """One renderer per worker, of the kind ``choose_kind`` picks (slow: loads the models)."""
+    workers = max(1, config.workers)
+    kind = choose_kind(config)
     if kind == "musetalk":
         from inference.musetalk import MuseTalkRenderer
 
-        return MuseTalkRenderer.from_folder(
-            config.models_dir,
-            avatar_root(config),
-            device=worker_device(config.device, index),
-            dtype=config.dtype,
-            max_batch=config.max_batch,
-        )
+        renderers: list[Renderer] = []
+        for index, device in enumerate(worker_devices(config.device, workers)):
+            log.info("frame worker %d: MuseTalk on %s (%s)", index, device, config.dtype)
+            renderers.append(
+                MuseTalkRenderer.from_folder(
+                    config.models_dir,
+                    avatar_root(config),
+                    device=device,
+                    dtype=config.dtype,
+                    max_batch=config.max_batch,
+                )
+            )
+        return renderers
     from inference.lite import LiteRenderer
 
-    return LiteRenderer(avatar_root(config), max_batch=config.max_batch)
+    log.info("%d frame worker(s): the lite engine on the CPU", workers)
+    return [LiteRenderer(avatar_root(config), max_batch=config.max_batch) for _ in range(workers)]
 
 
 class EnginePool:
@@ -77,14 +123,13 @@ class EnginePool:
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
-        renderers = renderers or [build_renderer(config, i) for i in range(max(1, config.workers))]
+        renderers = renderers or build_renderers(config)
         self.name = renderers[0].name
         self.workers = [
             FrameWorker(r, max_batch=config.max_batch, name=f"frame-worker-{i}")
             for i, r in enumerate(renderers)
         ]
-        root = avatar_root(config)
-        self.avatars = AvatarStore(root, renderers[0], cache_size=config.avatar_cache)
+        self.avatars = AvatarStore(avatar_root(config), renderers[0], cache_size=config.avatar_cache)
 
     def start(self) -> None:
         for worker in self.workers:

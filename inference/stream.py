@@ -1,8 +1,11 @@
 """One session's stream on a frame worker: audio in from the server, frames out to the transport.
 
-Inputs (``feed``, ``end_audio``, ``interrupt``, ``cancel``) may be called from any thread. Only the
-worker thread calls the ``_``-prefixed producer side. Output frames wait in a bounded buffer: the
-worker never renders for a stream whose buffer is full, so a slow client cannot grow memory.
+Inputs (``feed``, ``end_audio``, ``interrupt``, ``cancel``) and outputs (``take_frames``,
+``wait_frames``) may be called from any thread. The producer side (``apply_inputs``, ``snapshot``,
+``take_features``, ``deliver``, ``finish``, ``fail``) is called by the worker thread only; what to
+render when is decided by ``inference.scheduler`` from the stream's ``snapshot``. Output frames wait
+in a bounded buffer: the scheduler never renders for a stream whose buffer is full, so a slow client
+cannot grow memory.
 """
 
 from __future__ import annotations
@@ -11,20 +14,19 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from inference.engine import (
     FEATURE_SAMPLES_PER_FRAME,
-    FPS,
     OUTPUT_SAMPLES_PER_FRAME,
     AudioFeaturizer,
     Frame,
     PreparedAvatar,
 )
-
-MID_UTTERANCE_GRACE_S = 0.08
 
 
 class StreamMode(enum.StrEnum):
@@ -39,8 +41,32 @@ class StreamState(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class StreamSnapshot:
+    """What the scheduler reads of one stream: its clock, its audio and the room for its frames."""
+
+    mode: StreamMode
+    running: bool
+    ended: bool
+    """The audio has ended: the clip is complete, or (live) the utterance is."""
+    ready: int
+    """Frames whose features can be taken now."""
+    pending: int
+    """Frames of audio received but not yet taken, ready or not (look-ahead included)."""
+    room: int
+    """Frames that fit into the output buffer, counting those in flight."""
+    next_index: int
+    """The index of the next frame to deliver."""
+    in_flight: int
+    started_at: float
+    live_lead_s: float
+
+
 class EngineStream:
-    """A stream of frames for one session, produced by a ``FrameWorker``."""
+    """A stream of frames for one session, produced by a ``FrameWorker``.
+
+    ``wake_worker`` is called whenever the worker may have something new to do: an input arrived,
+    the consumer made room, the stream was cancelled."""
 
     def __init__(
         self,
@@ -48,6 +74,7 @@ class EngineStream:
         featurizer: AudioFeaturizer,
         mode: StreamMode,
         *,
+        wake_worker: Callable[[], None],
         buffer_frames: int = 50,
         live_lead_s: float = 0.2,
         on_output: Callable[[], None] | None = None,
@@ -57,8 +84,10 @@ class EngineStream:
         self.buffer_frames = buffer_frames
         self.live_lead_s = live_lead_s
         self._featurizer = featurizer
+        self._wake_worker = wake_worker
         self._on_output = on_output or (lambda: None)
         self._lock = threading.Lock()
+        self._output_changed = threading.Condition(self._lock)
         self._incoming: deque[tuple[str, np.ndarray | None, np.ndarray | None]] = deque()
         self._out_audio: deque[np.ndarray] = deque()
         self._out_audio_offset = 0
@@ -72,7 +101,6 @@ class EngineStream:
         self.next_index = 0
         self.speech_frames = 0
         self.started_at = time.monotonic()
-        self._worker_wake: Callable[[], None] = lambda: None
 
     # ----- inputs, any thread -----
 
@@ -99,25 +127,40 @@ class EngineStream:
             if self.state is not StreamState.RUNNING:
                 return
             self._incoming.append((kind, f16, f48))
-        self._worker_wake()
+        self._wake_worker()
 
     def cancel(self) -> None:
         with self._lock:
             if self.state is StreamState.RUNNING:
                 self.state = StreamState.CANCELLED
             self._frames.clear()
-        self._worker_wake()
+            self._output_changed.notify_all()
+        self._wake_worker()
         self._on_output()
 
     # ----- outputs, consumer side -----
 
     def take_frames(self, limit: int = 1 << 30) -> list[Frame]:
+        """The frames buffered now, oldest first (at most ``limit``); never blocks."""
         with self._lock:
-            count = min(limit, len(self._frames))
-            frames = [self._frames.popleft() for _ in range(count)]
+            frames = self._pop_frames(limit)
         if frames:
-            self._worker_wake()
+            self._wake_worker()
         return frames
+
+    def wait_frames(self, limit: int = 1 << 30) -> list[Frame]:
+        """Like ``take_frames``, but block the calling thread until there is a frame. Returns
+        an empty list once the stream is ``closed`` (``cancel`` wakes a waiting thread)."""
+        with self._lock:
+            while not self._frames and self.state is StreamState.RUNNING:
+                self._output_changed.wait()
+            frames = self._pop_frames(limit)
+        if frames:
+            self._wake_worker()
+        return frames
+
+    def _pop_frames(self, limit: int) -> list[Frame]:
+        return [self._frames.popleft() for _ in range(min(limit, len(self._frames)))]
 
     @property
     def buffered(self) -> int:
@@ -130,10 +173,7 @@ class EngineStream:
 
     # ----- producer side, worker thread only -----
 
-    def _deadline(self, index: int) -> float:
-        return self.started_at + index / FPS
-
-    def _sync_inputs(self) -> None:
+    def apply_inputs(self) -> None:
         """Apply the inputs queued since the last round, in the order they were given."""
         with self._lock:
             events = list(self._incoming)
@@ -156,6 +196,58 @@ class EngineStream:
                 self._out_audio_offset = 0
                 self._utterance_in = self._utterance_out = 0
 
+    def snapshot(self) -> StreamSnapshot:
+        with self._lock:
+            return StreamSnapshot(
+                mode=self.mode,
+                running=self.state is StreamState.RUNNING,
+                ended=self._ended,
+                ready=self._featurizer.ready(),
+                pending=self._featurizer.pending(),
+                room=self.buffer_frames - len(self._frames) - self._in_flight,
+                next_index=self.next_index,
+                in_flight=self._in_flight,
+                started_at=self.started_at,
+                live_lead_s=self.live_lead_s,
+            )
+
+    def take_features(self, count: int) -> list[tuple[int, Any]]:
+        """Reserve the next ``count`` frame indices with their features (``count <= ready``)."""
+        features = self._featurizer.take(count)
+        with self._lock:
+            reserved = [(self.next_index + self._in_flight + k, f) for k, f in enumerate(features)]
+            self._in_flight += len(reserved)
+        return reserved
+
+    def deliver(self, rendered: Sequence[tuple[int, np.ndarray]], *, speech: bool) -> None:
+        """Hand rendered frames (index, image) to the consumer, in order, waking it once. Speech
+        frames must have been reserved with ``take_features``; a rest frame takes ``next_index``."""
+        frames = [Frame(index=i, image=image, audio=self._output_audio(speech), speech=speech) for i, image in rendered]
+        with self._lock:
+            if speech:
+                self._in_flight -= len(frames)
+                self.speech_frames += len(frames)
+            self.next_index = frames[-1].index + 1
+            if self.state is StreamState.RUNNING:
+                self._frames.extend(frames)
+                self._output_changed.notify_all()
+        self._on_output()
+
+    def finish(self) -> None:
+        """Every frame has been delivered."""
+        self._end(StreamState.FINISHED, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._end(StreamState.FAILED, error)
+
+    def _end(self, state: StreamState, error: BaseException | None) -> None:
+        with self._lock:
+            if self.state is StreamState.RUNNING:
+                self.state = state
+                self.error = error
+            self._output_changed.notify_all()
+        self._on_output()
+
     def _align_utterance_audio(self) -> None:
         """Make the utterance's output audio exactly as long as its frames, so the next one starts
         on a frame boundary (an utterance has ``samples // FEATURE_SAMPLES_PER_FRAME`` frames)."""
@@ -176,50 +268,6 @@ class EngineStream:
             self._out_audio.append(np.zeros(-excess, dtype=np.float32))
         self._utterance_in = self._utterance_out = 0
 
-    def _room(self) -> int:
-        return self.buffer_frames - len(self._frames) - self._in_flight
-
-    def _speech_ready(self, now: float) -> int:
-        """Speech frames the worker may render now for this stream."""
-        if self.state is not StreamState.RUNNING:
-            return 0
-        count = min(self._featurizer.ready(), self._room())
-        if self.mode is StreamMode.LIVE:
-            horizon = int((now + self.live_lead_s - self.started_at) * FPS) + 1
-            count = min(count, max(0, horizon - self.next_index - self._in_flight))
-        return max(0, count)
-
-    def _idle_due(self, now: float) -> bool:
-        """Live mode: no speech is ready and the next frame is due, so show the avatar at rest.
-        Mid-utterance (audio received, its look-ahead not yet) the frame may be up to
-        ``MID_UTTERANCE_GRACE_S`` late before a rest frame is shown, so a little jitter in the
-        incoming audio does not make the mouth flicker shut."""
-        if self._featurizer.pending() > 0:
-            now -= MID_UTTERANCE_GRACE_S
-        return (
-            self.mode is StreamMode.LIVE
-            and self.state is StreamState.RUNNING
-            and self._in_flight == 0
-            and self._featurizer.ready() == 0
-            and self._room() > 0
-            and now >= self._deadline(self.next_index)
-        )
-
-    def _clip_complete(self) -> bool:
-        return (
-            self.mode is StreamMode.CLIP
-            and self._ended
-            and self._in_flight == 0
-            and self._featurizer.ready() == 0
-        )
-
-    def _take_features(self, count: int) -> list[tuple[int, object]]:
-        """Reserve the next ``count`` frame indices with their features."""
-        features = self._featurizer.take(count)
-        reserved = [(self.next_index + self._in_flight + k, f) for k, f in enumerate(features)]
-        self._in_flight += len(reserved)
-        return reserved
-
     def _output_audio(self, speech: bool) -> np.ndarray:
         if not speech:
             return np.zeros(OUTPUT_SAMPLES_PER_FRAME, dtype=np.float32)
@@ -235,22 +283,3 @@ class EngineStream:
                 self._out_audio.popleft()
                 self._out_audio_offset = 0
         return out
-
-    def _deliver(self, index: int, image: np.ndarray, speech: bool) -> None:
-        """Hand one rendered frame to the consumer, in order."""
-        frame = Frame(index=index, image=image, audio=self._output_audio(speech), speech=speech)
-        with self._lock:
-            if speech:
-                self._in_flight -= 1
-                self.speech_frames += 1
-            self.next_index = index + 1
-            if self.state is StreamState.RUNNING:
-                self._frames.append(frame)
-        self._on_output()
-
-    def _finish(self, state: StreamState, error: BaseException | None = None) -> None:
-        with self._lock:
-            if self.state is StreamState.RUNNING:
-                self.state = state
-                self.error = error
-        self._on_output()

@@ -1,59 +1,55 @@
 """The frame worker: one renderer, one thread, frames of many streams batched earliest deadline first.
 
-Each round the worker applies the inputs its streams received, picks up to ``max_batch`` frames by
-the deadline of each stream's next frame (frame ``i`` is due at ``start + i / fps``), renders them in
-one call and hands each stream its frames in order. Live streams with nothing to say get idle frames
-when they fall due, without touching the model. The scheduling is ``plan_batch``, a pure function,
-so it is tested without threads or a model.
+Each round the worker applies the inputs its streams received, asks the ``FrameScheduler``
+(``inference.scheduler``, pure and tested on its own in ``tests/test_scheduler.py``) for a plan
+from a snapshot of every stream, and applies it: it finishes complete clips, gives live streams
+with nothing to say their idle frames without touching the model, renders the planned speech
+frames of all streams in one call and hands each stream its frames in order. Then it sleeps as
+long as the plan allows, or until a stream wakes it.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from inference.engine import (
     FEATURE_SAMPLE_RATE,
     FEATURE_SAMPLES_PER_FRAME,
-    FPS,
     FrameRequest,
     PreparedAvatar,
     Renderer,
 )
+from inference.scheduler import FrameScheduler
 from inference.stream import EngineStream, StreamMode, StreamState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class StreamDemand:
-    """What one stream could use this round: frames ready to render and when the next is due."""
+class RenderRate:
+    """Frames rendered per batch over recent time: recorded by the worker thread, read by any."""
 
-    key: int
-    ready: int
-    next_deadline: float
-    frame_interval: float
+    def __init__(self, keep: int = 512) -> None:
+        self._lock = threading.Lock()
+        self._batches: deque[tuple[float, int]] = deque(maxlen=keep)
 
+    def record(self, frames: int, at: float) -> None:
+        with self._lock:
+            self._batches.append((at, frames))
 
-def plan_batch(demands: Sequence[StreamDemand], max_batch: int) -> dict[int, int]:
-    """Frames to render per stream this round: earliest deadline first, frame by frame."""
-    heap = [(d.next_deadline, d.key, 0, d) for d in demands if d.ready > 0]
-    heapq.heapify(heap)
-    plan: dict[int, int] = {}
-    total = 0
-    while heap and total < max_batch:
-        deadline, key, taken, demand = heapq.heappop(heap)
-        plan[key] = taken + 1
-        total += 1
-        if taken + 1 < demand.ready:
-            heapq.heappush(heap, (deadline + demand.frame_interval, key, taken + 1, demand))
-    return plan
+    def per_second(self, window_s: float, now: float) -> float:
+        """Frames a second over the batches of the last ``window_s`` seconds."""
+        with self._lock:
+            recent = [(t, n) for t, n in self._batches if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
 
 class FrameWorker:
@@ -62,6 +58,7 @@ class FrameWorker:
     def __init__(self, renderer: Renderer, *, max_batch: int | None = None, name: str = "worker-0"):
         self.renderer = renderer
         self.max_batch = max_batch or renderer.max_batch
+        self.scheduler = FrameScheduler(self.max_batch)
         self.name = name
         self._streams: list[EngineStream] = []
         self._lock = threading.Lock()
@@ -70,7 +67,7 @@ class FrameWorker:
         self._thread: threading.Thread | None = None
         self.frames_rendered = 0
         self.batches = 0
-        self._rate_window: list[tuple[float, int]] = []
+        self._rate = RenderRate()
 
     # ----- lifecycle -----
 
@@ -96,11 +93,14 @@ class FrameWorker:
         buffer_frames: int = 50,
         on_output: Callable[[], None] | None = None,
     ) -> EngineStream:
-        featurizer = self.renderer.new_featurizer(mode.value)
         stream = EngineStream(
-            avatar, featurizer, mode, buffer_frames=buffer_frames, on_output=on_output
+            avatar,
+            self.renderer.new_featurizer(mode.value),
+            mode,
+            wake_worker=self._wake.set,
+            buffer_frames=buffer_frames,
+            on_output=on_output,
         )
-        stream._worker_wake = self._wake.set
         with self._lock:
             self._streams.append(stream)
         self._wake.set()
@@ -113,13 +113,7 @@ class FrameWorker:
 
     def frames_per_second(self, window_s: float = 10.0) -> float:
         """Measured render rate over the last ``window_s`` seconds of busy time."""
-        now = time.monotonic()
-        recent = [(t, n) for t, n in self._rate_window if now - t <= window_s]
-        self._rate_window = recent
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1][0] - recent[0][0]
-        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        return self._rate.per_second(window_s, time.monotonic())
 
     def measure_capacity(self, avatar: PreparedAvatar, batches: int = 3) -> float:
         """Frames a second this worker's renderer sustains at full batches of ``avatar``'s frames
@@ -156,54 +150,42 @@ class FrameWorker:
         with self._lock:
             streams = [s for s in self._streams if s.state is StreamState.RUNNING]
             self._streams = streams
-        now = time.monotonic()
         for stream in streams:
-            stream._sync_inputs()
-        for stream in streams:
-            if stream._clip_complete():
-                stream._finish(StreamState.FINISHED)
-            elif stream._idle_due(now):
-                index = stream.next_index
-                stream._deliver(index, stream.avatar.idle_frame(index % stream.avatar.cycle_length), False)
-        demands = [
-            StreamDemand(i, s._speech_ready(now), s._deadline(s.next_index), 1.0 / FPS)
-            for i, s in enumerate(streams)
-        ]
-        plan = plan_batch(demands, self.max_batch)
-        if plan:
-            self._render(streams, plan)
-            return 0.0
-        return self._sleep_until(streams, now)
+            stream.apply_inputs()
+        plan = self.scheduler.schedule([s.snapshot() for s in streams], time.monotonic())
+        for i in plan.finish:
+            streams[i].finish()
+        for i in plan.idle:
+            stream = streams[i]
+            index = stream.next_index
+            stream.deliver([(index, stream.avatar.idle_frame(index % stream.avatar.cycle_length))], speech=False)
+        if plan.render:
+            self._render(streams, plan.render)
+        return plan.sleep_s
 
-    def _render(self, streams: list[EngineStream], plan: dict[int, int]) -> None:
+    def _render(self, streams: list[EngineStream], plan: Mapping[int, int]) -> None:
         requests: list[FrameRequest] = []
-        owners: list[tuple[EngineStream, int]] = []
+        reserved: list[tuple[EngineStream, list[int]]] = []
         for key, count in plan.items():
             stream = streams[key]
-            for index, features in stream._take_features(count):
-                cycle = index % stream.avatar.cycle_length
-                requests.append(FrameRequest(stream.avatar, cycle, features))
-                owners.append((stream, index))
+            indices: list[int] = []
+            for index, features in stream.take_features(count):
+                requests.append(FrameRequest(stream.avatar, index % stream.avatar.cycle_length, features))
+                indices.append(index)
+            reserved.append((stream, indices))
         try:
             images = self.renderer.render(requests)
+            if len(images) != len(requests):
+                raise RuntimeError(f"the renderer returned {len(images)} images for {len(requests)} requests")
         except Exception as exc:  # an engine fault ends only the streams in this batch
             log.exception("render failed for %d frames", len(requests))
-            for stream in {id(s): s for s, _ in owners}.values():
-                stream._finish(StreamState.FAILED, exc)
+            for stream, _ in reserved:
+                stream.fail(exc)
             return
-        for (stream, index), image in zip(owners, images, strict=True):
-            stream._deliver(index, image, True)
+        start = 0
+        for stream, indices in reserved:
+            stream.deliver(list(zip(indices, images[start : start + len(indices)], strict=True)), speech=True)
+            start += len(indices)
         self.frames_rendered += len(images)
         self.batches += 1
-        self._rate_window.append((time.monotonic(), len(images)))
-        if len(self._rate_window) > 512:
-            del self._rate_window[:256]
-
-    @staticmethod
-    def _sleep_until(streams: list[EngineStream], now: float) -> float:
-        live_due = [
-            s._deadline(s.next_index) - now
-            for s in streams
-            if s.mode is StreamMode.LIVE and s.state is StreamState.RUNNING and s._room() > 0
-        ]
-        return max(0.001, min(live_due)) if live_due else 0.5
+        self._rate.record(len(images), time.monotonic())

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,8 +19,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from inference.avatar_store import InvalidAvatarId, validate_avatar_id
+from inference.avatars.layout import InvalidAvatarId, validate_avatar_id
 from inference.pool import EnginePool
+from stream_server.avatar_upload import UploadRefused, receive_avatar_upload
+from stream_server.hello_deadline import HelloDeadline
 from stream_server.node import Node
 from stream_server.outbox import Outbox
 from stream_server.protocol import (
@@ -39,16 +39,35 @@ log = logging.getLogger(__name__)
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client"
 
 
+def _origin_of(scheme: str, netloc: str) -> str:
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    return f"{scheme}://{netloc}".lower()
+
+
 def origin_allowed(websocket_or_request: WebSocket | Request, allowed: list[str]) -> bool:
     """Browsers send Origin; other clients usually do not. Without an allow-list only same-origin
-    pages (and clients without an Origin) may connect."""
+    pages (and clients without an Origin) may connect. Origins compare scheme, host and port: an
+    ``http://`` page is not the ``https://`` site (behind a TLS proxy, uvicorn takes the scheme from
+    ``X-Forwarded-Proto``)."""
     origin = websocket_or_request.headers.get("origin")
     if origin is None:
         return True
+    parts = urlsplit(origin)
     if allowed:
-        return "*" in allowed or origin in allowed
+        return "*" in allowed or _origin_of(parts.scheme, parts.netloc) in {
+            _origin_of(*urlsplit(a.rstrip("/"))[:2]) for a in allowed
+        }
+    url = websocket_or_request.url
     host = websocket_or_request.headers.get("host", "")
-    return urlsplit(origin).netloc == host
+    return _origin_of(parts.scheme, parts.netloc) == _origin_of(url.scheme, host)
+
+
+def cors_headers(request: Request, allowed: list[str]) -> dict[str, str]:
+    """CORS for public reads by pages on the allowed origins (the widget lists avatars)."""
+    origin = request.headers.get("origin")
+    if origin is None or not allowed or not origin_allowed(request, allowed):
+        return {}
+    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
 async def session_socket(websocket: WebSocket, node: Node) -> None:
@@ -73,10 +92,16 @@ async def session_socket(websocket: WebSocket, node: Node) -> None:
     session = node.session(outbox, client.host if client else "unknown")
     node.metrics.connections.inc()
     limits = node.settings.limits
+    hello_deadline = HelloDeadline(limits.hello_timeout_s, lambda: session.identity is not None)
     close_code: int | None = None
     try:
         while close_code is None:
-            message = await websocket.receive()
+            try:
+                message = await hello_deadline.receive(websocket.receive)
+            except ProtocolError as err:
+                session.send_error(err)
+                close_code = err.close
+                break
             if message["type"] == "websocket.disconnect":
                 break
             text, data = message.get("text"), message.get("bytes")
@@ -181,7 +206,8 @@ async def list_avatars(request: Request) -> Response:
         [
             {"id": a.id, "name": a.name, "frames": a.frames, "width": a.width, "height": a.height, "ready": a.ready}
             for a in infos
-        ]
+        ],
+        headers=cors_headers(request, node.settings.server.allowed_origins),
     )
 
 
@@ -203,14 +229,11 @@ async def create_avatar(request: Request) -> Response:
     except InvalidAvatarId as exc:
         return JSONResponse({"code": "bad_message", "message": str(exc)}, status_code=400)
     name = request.query_params.get("name", avatar_id)[:100]
-    body = await request.body()
-    if not body:
-        return JSONResponse({"code": "bad_message", "message": "the body must be an image or a video"}, status_code=400)
-    suffix = {"image/png": ".png", "image/jpeg": ".jpg", "video/mp4": ".mp4", "video/webm": ".webm"}.get(
-        request.headers.get("content-type", ""), ".bin"
-    )
-    upload = Path(tempfile.gettempdir()) / f"mts-upload-{secrets.token_hex(8)}{suffix}"
-    await asyncio.to_thread(upload.write_bytes, body)
+    try:
+        received = await receive_avatar_upload(request, node.settings.limits)
+    except UploadRefused as refused:
+        return JSONResponse({"code": refused.code, "message": refused.message}, status_code=refused.status)
+    upload = received.path
 
     def prepare() -> None:
         try:

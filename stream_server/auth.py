@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jwt
@@ -28,6 +28,13 @@ class Identity:
     tier: str
     guest: bool
     roles: frozenset[str] = frozenset()
+    expires_at: float | None = field(default=None, compare=False)
+    """The token's ``exp`` (Unix seconds); ``None`` for guests and tokens without one. Not part of
+    equality: the same user resuming with a fresh token is the same identity."""
+
+    def expired(self, now: float, grace_s: float) -> bool:
+        """True once the token is more than ``grace_s`` past its ``exp``."""
+        return self.expires_at is not None and now > self.expires_at + grace_s
 
     @property
     def key(self) -> str:
@@ -62,12 +69,19 @@ class Authenticator:
         )
         self.algorithms = list(settings.algorithms)
         self.leeway = settings.leeway_s
+        self.exp_grace_s = settings.exp_grace_s
         resume_key = settings.resume_secret or f"resume:{self.secret}"
         self._resume_key = hashlib.sha256(resume_key.encode()).digest()
 
     def identify(self, token: str | None, address: str) -> Identity:
         if not token:
             return Identity(sub=address, tier="low", guest=True)
+        if not token.isascii():
+            # A JWT is base64url and dots; anything else (a lone surrogate, say) cannot even be
+            # encoded to bytes for the signature check.
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN, "token rejected: a JWT is ASCII", close=CloseCode.INVALID_TOKEN
+            )
         try:
             header = jwt.get_unverified_header(token)
             alg = header.get("alg")
@@ -93,12 +107,24 @@ class Authenticator:
                 ErrorCode.INVALID_TOKEN, f"unknown tier {tier!r}", close=CloseCode.INVALID_TOKEN
             )
         roles = claims.get("roles", [])
+        exp = claims.get("exp")
         return Identity(
             sub=str(claims["sub"]),
             tier=tier,
             guest=False,
             roles=frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset(),
+            expires_at=float(exp) if isinstance(exp, int | float) else None,
         )
+
+    def ensure_current(self, identity: Identity, now: float | None = None) -> None:
+        """Tokens are honoured for the whole session, not only at ``hello``: past ``exp`` plus
+        ``auth.exp_grace_s`` the session's tier is gone and the socket closes with 4401."""
+        if identity.expired(time.time() if now is None else now, self.exp_grace_s):
+            raise ProtocolError(
+                ErrorCode.INVALID_TOKEN,
+                "the token has expired; reconnect with a fresh token",
+                close=CloseCode.INVALID_TOKEN,
+            )
 
     def mint(
         self, sub: str, tier: str, *, ttl_s: float = 86_400, roles: list[str] | None = None
@@ -121,6 +147,6 @@ class Authenticator:
     def session_from_resume(self, token: str) -> str | None:
         """The session id a resume token was issued for, or ``None`` if it is forged."""
         session_id, _, _ = token.rpartition(".")
-        if not session_id:
+        if not session_id or not token.isascii():
             return None
         return session_id if hmac.compare_digest(self.resume_token(session_id), token) else None

@@ -11,22 +11,28 @@ from stream_server.settings import TIER_NAMES, Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from stream_server.allocator import apply_allocator
+
+    settings = Settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_allocator(settings.server)  # first: it may re-execute the process
+
     import uvicorn
 
     from stream_server.app import create_app
     from stream_server.drain import DrainingServer
+    from stream_server.header_deadline import with_header_timeout
 
-    settings = Settings()
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
     sys.setswitchinterval(0.001)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=with_header_timeout(settings.server.header_timeout_s),
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_message_bytes,
         ws_per_message_deflate=False,
@@ -42,7 +48,18 @@ def _token(args: argparse.Namespace) -> int:
     from stream_server.auth import Authenticator
 
     settings = Settings()
-    auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
+    secret_file = (settings.server.data_dir / "hs256.secret").resolve()
+    if not settings.auth.hs256_secret and not secret_file.is_file():
+        # Never make a secret here: the server would not know it and would reject every token.
+        print(
+            f"error: no HS256 secret: auth.hs256_secret is not set and {secret_file} does not exist.\n"
+            "The server keeps its generated secret in <server.data_dir>/hs256.secret: run this command "
+            "with the server's MTS_* environment or MTS_CONFIG (e.g. MTS_SERVER__DATA_DIR=/path/to/var), "
+            "or from the folder the server runs in.",
+            file=sys.stderr,
+        )
+        return 2
+    auth = Authenticator(settings.auth, secret_file)
     roles = ["admin"] if args.admin else None
     print(auth.mint(args.sub, args.tier, ttl_s=args.ttl, roles=roles))
     return 0

@@ -1,38 +1,32 @@
 """``musetalk-stream client``: send an audio file, wait in line, save the lip-synced video.
 
-Shows the queue position and estimated wait, then a progress bar while frames arrive; the
-fragmented MP4 received is remuxed (no re-encoding) into a plain MP4 that every player opens.
+Built on the SDK (``stream_server.sdk``). Shows the queue position and estimated wait, then a
+progress bar while frames arrive; the fragmented MP4 received is remuxed (no re-encoding) into a
+plain MP4 that every player opens. Problems are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import av
-import websockets
 
-FORMATS = {".wav": "wav", ".mp3": "mp3", ".ogg": "ogg", ".oga": "ogg", ".opus": "ogg", ".flac": "flac"}
-CHUNK = 256 * 1024
+from stream_server.sdk import ClipRequest, Done, Granted, MuseTalkError, Progress, Queued, Redirect, connect
+from stream_server.sdk.client import AudioFormat
 
-
-class ClientError(Exception):
-    pass
-
-
-def socket_url(server: str) -> str:
-    base = server.rstrip("/")
-    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
-        if base.startswith(http):
-            base = ws + base[len(http) :]
-    return base + "/v1/stream"
+FORMATS: dict[str, AudioFormat] = {
+    ".wav": "wav", ".mp3": "mp3", ".ogg": "ogg", ".oga": "ogg", ".opus": "ogg", ".flac": "flac",
+}
+EXIT_INTERRUPTED = 130
 
 
 class Display:
@@ -67,7 +61,7 @@ def progress_bar(done: int, total: int | None, width: int = 30) -> str:
 
 def remux(fragmented: bytes, output: Path) -> None:
     """Copy the streams of a fragmented MP4 into a plain MP4 (moov first)."""
-    with av.open(io.BytesIO(fragmented)) as source, av.open(
+    with av.open(io.BytesIO(fragmented), "r") as source, av.open(
         str(output), "w", format="mp4", options={"movflags": "+faststart"}
     ) as target:
         mapping = {}
@@ -81,84 +75,112 @@ def remux(fragmented: bytes, output: Path) -> None:
             target.mux(packet)
 
 
+def output_problem(output: Path) -> str | None:
+    """Why ``output`` cannot be written, checked before any work is asked of the server."""
+    folder = output.parent if str(output.parent) else Path(".")
+    if output.is_dir():
+        return f"{output} is a folder; give a file name such as {output / 'out.mp4'}"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
+@dataclass
+class Standing:
+    """Where the request is, for the line printed when the user interrupts."""
+
+    position: int | None = None
+    granted: bool = False
+
+    def describe(self) -> str:
+        if self.granted:
+            return "interrupted while generating: the request was cancelled"
+        if self.position is not None:
+            return f"interrupted while in line at position {self.position}: the request was cancelled"
+        return "interrupted: nothing was sent"
+
+
 async def fetch_clip(
-    url: str, avatar: str, audio: bytes, fmt: str, token: str | None, display: Display
-) -> tuple[bytes, dict[str, Any]]:
-    """The clip for ``audio``. A ``redirect`` (the slot granted is on another node of a cluster)
-    is followed: the same request, with its audio, goes to that node with the grant."""
-    grant: str | None = None
-    while True:
-        outcome = await _request_clip(url, avatar, audio, fmt, token, grant, display)
-        if isinstance(outcome, tuple):
-            return outcome
-        url, grant = outcome.url, outcome.grant
-
-
-@dataclass(frozen=True)
-class Redirected:
-    url: str
-    grant: str
-
-
-async def _request_clip(
-    url: str, avatar: str, audio: bytes, fmt: str, token: str | None, grant: str | None, display: Display
-) -> tuple[bytes, dict[str, Any]] | Redirected:
-    media = bytearray()
-    async with websockets.connect(url, max_size=None) as ws:
-        hello: dict[str, Any] = {"type": "hello"}
-        if token:
-            hello["token"] = token
-        if grant:
-            hello["resume"] = grant
-        await ws.send(json.dumps(hello))
-        await ws.send(json.dumps({"type": "start", "avatar": avatar, "mode": "clip", "transport": "mse",
-                                  "audio": {"format": fmt}}))
-        for offset in range(0, len(audio), CHUNK):
-            await ws.send(audio[offset : offset + CHUNK])
-        await ws.send(json.dumps({"type": "audio_end"}))
+    server: str,
+    avatar: str,
+    audio: bytes,
+    fmt: AudioFormat,
+    token: str | None,
+    display: Display,
+    standing: Standing,
+) -> tuple[bytes, Done]:
+    connection = await connect(server, token=token)
+    request: ClipRequest | None = None
+    try:
+        welcome = connection.welcome
+        assert welcome is not None
+        display.show(f"connected ({welcome.tier}, engine {welcome.engine or '?'})")
+        request = await connection.speak(audio, avatar=avatar, audio_format=fmt, decode=False, keep_fmp4=True)
         started = time.monotonic()
-        async for raw in ws:
-            if isinstance(raw, bytes):
-                media += raw
-                continue
-            msg = json.loads(raw)
-            kind = msg["type"]
-            if kind == "welcome":
-                display.show(f"connected ({msg['tier']}, engine {msg.get('engine', '?')})")
-            elif kind == "queued":
-                eta = "estimating wait" if msg["eta_s"] is None else f"about {msg['eta_s']:.0f} s"
-                display.show(f"in line: position {msg['position']} of {msg['queue_size']}, {eta}")
-            elif kind == "granted":
-                display.show(f"granted after {msg['waited_s']:.1f} s, generating")
-            elif kind == "redirect":
-                display.show("granted on another node, moving there")
-                return Redirected(msg["url"], msg["grant"])
-            elif kind == "progress":
-                display.show(progress_bar(msg["frames"], msg.get("total")))
-            elif kind == "done":
-                display.end(f"done: {msg['frames']} frames, {msg['duration_s']:.2f} s "
+        async for event in request:
+            if isinstance(event, Queued):
+                standing.position = event.position
+                eta = "estimating wait" if event.eta_s is None else f"about {event.eta_s:.0f} s"
+                display.show(f"in line: position {event.position} of {event.queue_size}, {eta}")
+            elif isinstance(event, Granted):
+                standing.granted = True
+                display.show(f"granted after {event.waited_s:.1f} s, generating")
+            elif isinstance(event, Redirect):
+                display.show(f"moving to {event.url}")
+            elif isinstance(event, Progress):
+                display.show(progress_bar(event.frames, event.total))
+            elif isinstance(event, Done):
+                display.end(f"done: {event.frames} frames, {event.duration_s:.2f} s "
                             f"in {time.monotonic() - started:.1f} s")
-                return bytes(media), msg
-            elif kind == "error":
-                raise ClientError(f"{msg['code']}: {msg['message']}")
-    raise ClientError("the server closed the connection before the clip was done")
+        if request.error is not None:
+            raise request.error
+        if request.done is None or request.fmp4 is None:
+            raise MuseTalkError("the clip ended before it was done")
+        return bytes(request.fmp4), request.done
+    except asyncio.CancelledError:
+        # Ctrl-C: give the place in line back now rather than leaving it parked for the grace period.
+        if request is not None and not request.finished:
+            with contextlib.suppress(TimeoutError, MuseTalkError):
+                await asyncio.wait_for(request.cancel(), 2.0)
+        raise
+    finally:
+        await connection.close()
 
 
 def run_client(args: argparse.Namespace) -> int:
     audio_path: Path = args.audio
+    output: Path = args.output
     fmt = FORMATS.get(audio_path.suffix.lower())
     if fmt is None:
-        print(f"unsupported audio file type {audio_path.suffix!r} (use {', '.join(FORMATS)})", file=sys.stderr)
+        print(f"error: unsupported audio file type {audio_path.suffix!r} (use {', '.join(FORMATS)})",
+              file=sys.stderr)
+        return 2
+    problem = output_problem(output)
+    if problem is not None:
+        print(f"error: cannot write {output}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        audio = audio_path.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read {audio_path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     display = Display(sys.stderr)
+    standing = Standing()
     try:
-        media, done = asyncio.run(
-            fetch_clip(socket_url(args.server), args.avatar, audio_path.read_bytes(), fmt, args.token, display)
-        )
-    except (ClientError, OSError, websockets.WebSocketException) as exc:
+        media, done = asyncio.run(fetch_clip(args.server, args.avatar, audio, fmt, args.token, display, standing))
+    except KeyboardInterrupt:
+        display.end(standing.describe())
+        return EXIT_INTERRUPTED
+    except MuseTalkError as exc:
         display.end(f"error: {exc}")
         return 1
-    remux(media, args.output)
-    print(f"wrote {args.output}" + (f" (also at {args.server.rstrip('/')}{done['clip']})" if done.get("clip") else ""),
+    try:
+        remux(media, output)
+    except (OSError, av.FFmpegError) as exc:
+        print(f"error: cannot write {output}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}" + (f" (also at {args.server.rstrip('/')}{done.clip})" if done.clip else ""),
           file=sys.stderr)
     return 0

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from stream_server.upload_budget import UploadBudget
 
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -46,3 +51,13 @@ class Metrics:
         self.pool_slots = Gauge("mts_pool_slots", "Slots of the live nodes of a pool", ["pool"], registry=r)
         self.pool_slots_busy = Gauge("mts_pool_slots_busy", "Busy slots of a pool", ["pool"], registry=r)
         self.position_pushes = Counter("mts_position_pushes_total", "queued messages sent", registry=r)
+        self.queued_audio_bytes = Gauge(
+            "mts_queued_audio_bytes", "Audio bytes kept for requests waiting for a slot (memory and disk)", registry=r
+        )
+        self.queued_audio_bytes_limit = Gauge(
+            "mts_queued_audio_bytes_limit", "The node's budget for audio kept by waiting requests", registry=r
+        )
+
+    def watch_upload_budget(self, budget: UploadBudget) -> None:
+        self.queued_audio_bytes.set_function(lambda: budget.used_bytes)
+        self.queued_audio_bytes_limit.set(budget.limit_bytes)

@@ -30,6 +30,7 @@ from stream_server.session.owner import RequestOwner
 from stream_server.session.serving import Serving
 from stream_server.session.session import Session, SessionServices
 from stream_server.settings import TIER_NAMES, Settings
+from stream_server.upload_budget import UploadBudget
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 50, 100)
@@ -116,6 +117,8 @@ class Node:
         self._engine = engine
         self.clips = ClipStore(settings.server.data_dir / "clips", settings.stream.clip_cache_bytes)
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
+        self.upload_budget = UploadBudget(settings.limits.queued_audio_bytes, settings.queue.retry_after_s)
+        self.metrics.watch_upload_budget(self.upload_budget)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
         self.ready = False
@@ -149,6 +152,7 @@ class Node:
             dispatcher=self.dispatcher,
             serving=Serving(self.settings, engine, self.clips, self.metrics),
             start_limiter=self.start_limiter,
+            upload_budget=self.upload_budget,
         )
         # Models, avatars and imports stay for the life of the process: keep them out of the
         # cyclic collector's scans, whose full passes otherwise stall the loop for tens of ms.

@@ -242,7 +242,8 @@ class Done(ServerMessage):
 class ErrorMessage(ServerMessage):
     OMIT_NONE = frozenset({"retry_after_s", "id"})
     type: Literal["error"] = "error"
-    code: ErrorCode
+    code: Annotated[ErrorCode | str, Field(union_mode="left_to_right")]
+    """A code of this version, or (read by an older client) a string it does not know yet."""
     message: str
     retry_after_s: float | None = None
     id: JsonId = None

@@ -31,6 +31,11 @@ class ServerSettings(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list)
     ws_ping_interval_s: float = 20.0
     ws_ping_timeout_s: float = 20.0
+    header_timeout_s: float = 10.0
+    allocator: Literal["jemalloc", "glibc"] = "jemalloc"
+    jemalloc_library: str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    jemalloc_conf: str = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+    malloc_arena_max: int = 2
     data_dir: Path = Path("var")
 
 
@@ -39,6 +44,7 @@ class AuthSettings(BaseModel):
     public_key_file: str = ""
     algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256", "ES256"])
     leeway_s: float = 5.0
+    exp_grace_s: float = 30.0
     resume_secret: str = ""
 
 
@@ -98,6 +104,13 @@ class LimitSettings(BaseModel):
     start_rate_per_minute: float = 20
     start_burst: int = 5
     bad_message_limit: int = 20
+    hello_timeout_s: float = 5.0
+    queued_audio_bytes: int = 1 << 30
+    audio_spool_bytes: int = 16_384
+    avatar_upload_bytes: int = 200_000_000
+    avatar_upload_pixels: int = 16_777_216
+    avatar_upload_frames: int = 3000
+    avatar_upload_seconds: float = 120.0
 
 
 class EngineSettings(BaseModel):

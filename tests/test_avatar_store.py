@@ -12,15 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.avatar_store import (
-    DEFAULT_AVATAR_ID,
-    STORE_FILE,
-    AvatarBusy,
-    AvatarStore,
-    InvalidAvatarId,
-    validate_avatar_id,
-)
-from inference.engine import Renderer
+from inference.avatars.jobs import AvatarBusy
+from inference.avatars.layout import STORE_FILE, FaceBox, InvalidAvatarId, validate_avatar_id
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
+from inference.engine import PreparedAvatar, Renderer
 from inference.lite import LiteRenderer, PreparationError
 from inference.lite.avatar import META_FILE
 
@@ -126,8 +121,9 @@ def test_renderer_level_ids_cannot_escape_the_root(tmp_path: Path) -> None:
     r = LiteRenderer(tmp_path / "root")
     (tmp_path / "root").mkdir()
     for bad in ("../outside", "..", "a/../../b", "/etc"):
-        assert r.load_avatar(bad) is None
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidAvatarId):
+            r.load_avatar(bad)
+        with pytest.raises(InvalidAvatarId):
             r.prepare_avatar(bad, "x", str(ASSET))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
     assert list((tmp_path / "root").iterdir()) == []
@@ -204,7 +200,7 @@ def test_stale_avatar_is_prepared_again(store: AvatarStore, renderer: FixedFaceR
     fresh = AvatarStore(store.root, renderer)
     avatar = fresh.get("erin")
     assert avatar is not None and renderer.prepared == 2
-    assert json.loads(meta_path.read_text())["version"] == renderer.version
+    assert json.loads(meta_path.read_text())["version"] == renderer.preparation_version
     assert fresh.get("erin") is avatar and renderer.prepared == 2
     assert [(i.id, i.name, i.ready) for i in fresh.list()] == [("erin", "Erin", True)]
 
@@ -302,7 +298,7 @@ def test_video_source_keeps_its_extension(store: AvatarStore, tmp_path: Path) ->
     assert avatar is not None and avatar.cycle_length == 4
 
 
-# ----- renderers without the folder protocol (as the MuseTalk renderer) -----
+# ----- another engine, implementing only the Renderer contract -----
 
 
 class FixedBox:
@@ -314,23 +310,36 @@ class FixedBox:
 
 
 class PlainRenderer(Renderer):
-    """Only the engine interface: keeps its files in ``<root>/<id>/<name>/`` by itself."""
+    """Only the engine interface, with its own name (so its own folder in each avatar)."""
 
     def __init__(self, root: Path, name: str = "plain") -> None:
         self.name = name
+        self.avatar_root = root
         self.inner = LiteRenderer(root, face_detector=FixedBox())
-        self.inner.name = name
         self.prepared = 0
         self.fail = False
 
-    def prepare_avatar(self, avatar_id: str, name: str, source: str):  # type: ignore[override]
+    @property
+    def preparation_version(self) -> str:
+        return self.inner.preparation_version
+
+    @property
+    def avatar_files(self) -> tuple[str, ...]:
+        return self.inner.avatar_files
+
+    def prepare_avatar_dir(
+        self, directory: Path, avatar_id: str, name: str, source: Path | str, *, face_box: FaceBox | None = None
+    ) -> PreparedAvatar:
         if self.fail:
             raise PreparationError("failing on purpose")
         self.prepared += 1
-        return self.inner.prepare_avatar(avatar_id, name, source)
+        return self.inner.prepare_avatar_dir(directory, avatar_id, name, source, face_box=face_box)
 
-    def load_avatar(self, avatar_id: str):  # type: ignore[override]
-        return self.inner.load_avatar(avatar_id)
+    def load_avatar_dir(self, directory: Path) -> PreparedAvatar | None:
+        return self.inner.load_avatar_dir(directory)
+
+    def recorded_version(self, directory: Path) -> str | None:
+        return self.inner.recorded_version(directory)
 
     def new_featurizer(self, mode: str = "live"):  # type: ignore[override]
         return self.inner.new_featurizer(mode)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.avatar_store import DEFAULT_AVATAR_ID, AvatarStore
+from inference.avatars.store import DEFAULT_AVATAR_ID, AvatarStore
 from inference.lite import LiteRenderer
 from inference.stream import StreamMode, StreamState
 from inference.worker import FrameWorker
@@ -24,10 +24,7 @@ async def test_a_client_that_stops_reading_stalls_its_stream_not_the_server(tmp_
     assert avatar is not None
     worker = FrameWorker(renderer)
     worker.start()
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    stream = worker.open_stream(avatar, StreamMode.CLIP, buffer_frames=25,
-                                on_output=lambda: loop.call_soon_threadsafe(ready.set))
+    stream = worker.open_stream(avatar, StreamMode.CLIP, buffer_frames=25)
     seconds = 60
     t = np.arange(seconds * 16_000) / 16_000
     speech = (0.4 * np.sin(2 * np.pi * 140 * t)).astype(np.float32)
@@ -43,7 +40,7 @@ async def test_a_client_that_stops_reading_stalls_its_stream_not_the_server(tmp_
 
     limit = 256 * 1024
     outbox = Outbox(stuck_socket, coalesce_s=0.25, max_media_bytes=limit)
-    sender = MseSender(stream, outbox, ready, StreamSettings())
+    sender = MseSender(stream, outbox, StreamSettings())
     task = asyncio.create_task(sender.run())
     try:
         await asyncio.sleep(3.0)

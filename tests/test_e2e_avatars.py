@@ -47,7 +47,7 @@ def test_creating_avatars_needs_an_admin_token(server: RunningServer) -> None:
 def test_an_upload_that_is_not_a_picture_never_becomes_ready(server: RunningServer) -> None:
     response = httpx.post(server.url + "/v1/avatars?id=broken&name=Broken", content=b"not an image",
                           headers={**admin(server), "Content-Type": "image/png"})
-    assert response.status_code == 202
+    assert response.status_code == 415 and response.json()["code"] == "bad_media"
     time.sleep(2.0)
     assert not any(a["id"] == "broken" and a["ready"] for a in server.get("/v1/avatars").json())
     assert server.get("/readyz").json()["ready"] is True

@@ -141,7 +141,9 @@ async def test_bad_audio_gets_a_clear_error_and_frees_everything(
     await client.send("start", **CLIP)
     await client.ws.send(tone_wav(0.4))
     await client.send("audio_end")
-    assert (await client.expect("done", "error"))["type"] == "done"
+    assert (await client.expect("done"))["type"] == "done"
+    # Audio refused on arrival ends the request at once: the audio_end sent after it is stale.
+    assert [e["code"] for e in client.of_type("error")][1:] in ([], ["bad_message"])
     await client.close()
 
 

@@ -445,12 +445,13 @@ def test_prepare_and_load_round_trip(renderer: LiteRenderer, tmp_path: Path) -> 
 def test_stale_version_is_not_loaded(renderer: LiteRenderer, tmp_path: Path) -> None:
     folder = tmp_path / "astro"
     renderer.prepare_avatar_dir(folder, "astro", "Astro", ASSET, face_box=ASTRONAUT_FACE)
-    assert renderer.is_current(folder)
+    assert renderer.avatar_problem(folder) is None
     other = LiteRenderer(params=PrepareParams(max_size=256))
-    assert other.version != renderer.version
-    assert not other.is_current(folder) and other.load_avatar_dir(folder) is None
-    stale = other.load_avatar_dir(folder, allow_stale=True)
-    assert stale is not None and stale.info.width == 512
+    assert other.preparation_version != renderer.preparation_version
+    problem = other.avatar_problem(folder)
+    assert problem is not None and problem.startswith("stale") and other.load_avatar_dir(folder) is None
+    assert other.recorded_version(folder) == renderer.preparation_version  # left as it was
+    assert renderer.load_avatar_dir(folder) is not None
     meta = json.loads((folder / META_FILE).read_text())
     meta["version"] = "0" * 16
     (folder / META_FILE).write_text(json.dumps(meta))

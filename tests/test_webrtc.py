@@ -23,7 +23,7 @@ from aiortc.rtp import RtcpSrPacket
 from aiortc.sdp import SessionDescription
 from av import AudioFrame, VideoFrame
 
-from inference.avatar_store import AvatarStore
+from inference.avatars.store import AvatarStore
 from inference.engine import FEATURE_SAMPLE_RATE, FPS, OUTPUT_SAMPLES_PER_FRAME, Frame, PreparedAvatar
 from inference.lite import LiteRenderer
 from inference.stream import EngineStream, StreamMode, StreamState

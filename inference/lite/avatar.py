@@ -2,7 +2,8 @@
 
 On disk, in one folder per avatar (only safe formats, nothing unpickled)::
 
-    avatar.json    metadata: id, name, size, frame count, preparation version hash, source kind
+    avatar.json    metadata: id, name, size, frame count, preparation version hash, source kind,
+                   ``faces`` (``inference.face.FaceReport``: frames with no face or a fallback mouth)
     geometry.npz   float32 arrays ``face`` (N x 4) and ``mouth`` (N x 3), bool ``detected`` (N),
                    read with ``allow_pickle=False``
     frames/000000.png ...  the N frames (RGB, lossless)
@@ -23,6 +24,7 @@ import cv2
 import numpy as np
 
 from inference.engine import AvatarInfo, PreparedAvatar
+from inference.face import FaceReport
 from inference.lite.prepare import FORMAT_VERSION, Prepared, PrepareParams
 from inference.lite.rig import MouthRig
 
@@ -32,6 +34,7 @@ META_FILE = "avatar.json"
 GEOMETRY_FILE = "geometry.npz"
 FRAMES_DIR = "frames"
 ENGINE = "lite"
+AVATAR_FILES = (META_FILE, GEOMETRY_FILE, FRAMES_DIR)
 
 
 def cycle_length(frames: int) -> int:
@@ -73,6 +76,12 @@ class LiteAvatar(PreparedAvatar):
         return self._cycle
 
     @property
+    def face_report(self) -> FaceReport | None:
+        """How the faces were found (``None`` for an avatar prepared before this was kept)."""
+        faces = self.meta.get("faces")
+        return FaceReport(**faces) if isinstance(faces, dict) else None
+
+    @property
     def frame_count(self) -> int:
         return int(self.frames.shape[0])
 
@@ -84,7 +93,8 @@ class LiteAvatar(PreparedAvatar):
 
     def idle_frame(self, cycle_index: int) -> np.ndarray:
         """The rest frame (read-only: copy it before drawing on it)."""
-        return self.frames[self.frame_index(cycle_index)]
+        frame: np.ndarray = self.frames[self.frame_index(cycle_index)]
+        return frame
 
 
 def save_avatar(
@@ -131,6 +141,7 @@ def save_avatar(
         },
         "source": {"kind": prepared.source_kind, "fps": prepared.source_fps},
         "faces_detected": int(prepared.detected.sum()),
+        "faces": prepared.faces.to_json(),
         "created_at": time.time(),
     }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -159,13 +170,11 @@ def info_from_meta(meta: dict[str, Any], ready: bool = True) -> AvatarInfo:
     )
 
 
-def load_avatar(directory: Path, expected_version: str | None = None) -> LiteAvatar | None:
-    """Load an avatar from its folder; ``None`` if it is missing, damaged, or (with
-    ``expected_version``) prepared by other code or parameters."""
+def load_avatar(directory: Path, expected_version: str) -> LiteAvatar | None:
+    """Load an avatar from its folder; ``None`` if it is missing, damaged, or prepared by other
+    code or parameters (its version is not ``expected_version``)."""
     meta = read_meta(directory)
-    if meta is None:
-        return None
-    if expected_version is not None and meta.get("version") != expected_version:
+    if meta is None or meta.get("version") != expected_version:
         return None
     try:
         n, w, h = int(meta["frames"]), int(meta["width"]), int(meta["height"])

@@ -7,7 +7,8 @@ Steps:
    H.264 needs);
 2. find the face on key frames with OpenCV's Haar cascades (tracking from one key frame to the next
    in a window around the last face), interpolate between key frames and let frames with no face
-   take the nearest one found, so the geometry never falls out of step with the frames;
+   take the nearest one found, so the geometry never falls out of step with the frames (``faces``
+   counts the frames whose nearest key frame had no face);
 3. find the lips in the lower face from their redness (Lab a*), falling back to the usual place
    in the face box, and smooth every coordinate over time;
 4. a video avatar plays forward then backward (``2N - 2`` frames in the loop), so no jump.
@@ -28,7 +29,7 @@ import numpy as np
 
 from inference import face as face_detection
 from inference.engine import FPS
-from inference.face import FaceFinder, default_detector
+from inference.face import FaceFinder, FaceReport, default_detector
 
 FORMAT_VERSION = 1
 DETECT_SIZE = 320  # long side of the image the face detector sees
@@ -51,7 +52,9 @@ class Prepared:
     """Frames (N x H x W x 3 RGB uint8) and per-frame geometry in their pixels.
 
     ``face``: N x 4 float32 (x, y, w, h); ``mouth``: N x 3 float32 (centre x, lip line y,
-    half width); ``detected``: N bool, whether the face was found on that frame itself.
+    half width); ``detected``: N bool, whether the face was found on that frame itself;
+    ``faces``: how many frames had no face, and how many a mouth placed by the face box's
+    proportions (no lips found: the fallback).
     """
 
     frames: np.ndarray
@@ -60,6 +63,7 @@ class Prepared:
     detected: np.ndarray
     source_kind: str
     source_fps: float
+    faces: FaceReport
 
 
 def preparation_version(params: PrepareParams) -> str:
@@ -166,6 +170,14 @@ def detect_faces(frames: list[np.ndarray], detector: FaceFinder) -> tuple[np.nda
     return boxes, is_key
 
 
+def frames_without_face(boxes: np.ndarray, is_key: np.ndarray) -> np.ndarray:
+    """Per frame, whether its nearest key frame had no face (its box was filled in from others)."""
+    keys = np.flatnonzero(is_key)
+    nearest = keys[np.argmin(np.abs(np.arange(len(boxes))[:, None] - keys[None, :]), axis=1)]
+    missing: np.ndarray = np.isnan(boxes[nearest, 0])
+    return missing
+
+
 def fill_boxes(boxes: np.ndarray) -> np.ndarray:
     """Interpolate between found boxes; before the first and after the last, hold the nearest."""
     found = np.flatnonzero(~np.isnan(boxes[:, 0]))
@@ -267,9 +279,11 @@ def prepare_frames(
     if face_box is not None:
         boxes = np.tile(np.array(face_box, np.float64) * scale, (n, 1))
         detected = np.ones(n, bool)
+        no_face = np.zeros(n, bool)
     else:
         raw, is_key = detect_faces(frames, detector or default_detector())
         detected = is_key & ~np.isnan(raw[:, 0])
+        no_face = frames_without_face(raw, is_key)
         boxes = fill_boxes(raw)
     boxes = smooth(boxes, params.smoothing_frames)
     mouths = np.empty((n, 3), np.float64)
@@ -298,4 +312,10 @@ def prepare_frames(
         detected=detected,
         source_kind=kind,
         source_fps=fps,
+        faces=FaceReport(
+            frames=n,
+            no_face=int(no_face.sum()),
+            fallback=int((~found & ~no_face).sum()),
+            method="given" if face_box is not None else "haar",
+        ),
     )

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +22,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from inference.avatars.layout import FaceBox
 from inference.engine import FrameRequest, Renderer
 from inference.face import FaceFinder
-from inference.lite.avatar import LiteAvatar, info_from_meta, load_avatar, read_meta, save_avatar
+from inference.lite.avatar import AVATAR_FILES, LiteAvatar, info_from_meta, load_avatar, read_meta, save_avatar
 from inference.lite.featurizer import REST_OPENNESS, FeaturizerConfig, LiteFeatures, LiteFeaturizer
-from inference.lite.prepare import PrepareParams, preparation_version, prepare_frames
+from inference.lite.prepare import PrepareParams, prepare_frames
+from inference.lite.prepare import preparation_version as version_of
 from inference.lite.rig import JAW_DROP, UPPER_LIFT, Fields, lip_profile, smoothstep
 
 log = logging.getLogger(__name__)
-
-_SAFE_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # as inference.avatar_store: no path tricks
 
 WIDEN = 0.12  # "ee": the corners move out by this many half widths
 ROUND = 0.3  # "oo": the corners move in by this many half widths
@@ -52,10 +48,9 @@ _TEETH = np.array([222.0, 214.0, 204.0], np.float32)  # upper teeth in a well li
 class LiteRenderer(Renderer):
     """CPU renderer without weights.
 
-    ``avatar_root`` is where ``prepare_avatar``/``load_avatar`` keep avatars by id, in
-    ``<avatar_root>/<id>/lite``; ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the
-    caller chooses (what ``inference.avatar_store.AvatarStore`` uses). ``face_detector`` is anything with
-    ``detect(gray, near=None) -> (x, y, w, h) | None`` (default: the ``inference.face`` detector).
+    ``avatar_root`` is the store's root, for the id-based ``Renderer.prepare_avatar``/``load_avatar``.
+    ``face_detector`` is anything with ``detect(gray, near=None) -> (x, y, w, h) | None`` (default:
+    the ``inference.face`` detector).
     """
 
     name = "lite"
@@ -79,11 +74,15 @@ class LiteRenderer(Renderer):
     # ----- avatars -----
 
     @property
-    def version(self) -> str:
-        """The preparation version hash; avatars prepared with another one are stale."""
+    def preparation_version(self) -> str:
+        """The hash of this code's and these parameters' preparation; other avatars are stale."""
         if self._version is None:
-            self._version = preparation_version(self.params)
+            self._version = version_of(self.params)
         return self._version
+
+    @property
+    def avatar_files(self) -> tuple[str, ...]:
+        return AVATAR_FILES
 
     def prepare_avatar_dir(
         self,
@@ -92,56 +91,28 @@ class LiteRenderer(Renderer):
         name: str,
         source: Path | str,
         *,
-        face_box: tuple[float, float, float, float] | None = None,
+        face_box: FaceBox | None = None,
     ) -> LiteAvatar:
-        """Prepare ``source`` and write the avatar into ``directory`` (which should be new)."""
         prepared = prepare_frames(Path(source), self.params, face_box=face_box, detector=self.face_detector)
-        meta = save_avatar(Path(directory), avatar_id, name, prepared, version=self.version, params=self.params)
+        meta = save_avatar(
+            Path(directory), avatar_id, name, prepared, version=self.preparation_version, params=self.params
+        )
         return LiteAvatar(
             info_from_meta(meta),
             prepared.frames,
             prepared.face,
             prepared.mouth,
-            version=self.version,
+            version=self.preparation_version,
             meta=meta,
         )
 
-    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> LiteAvatar | None:
-        """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
-        code or parameters, unless ``allow_stale``)."""
-        return load_avatar(Path(directory), None if allow_stale else self.version)
+    def load_avatar_dir(self, directory: Path) -> LiteAvatar | None:
+        return load_avatar(Path(directory), self.preparation_version)
 
-    def is_current(self, directory: Path) -> bool:
-        """Whether ``directory`` holds an avatar prepared by this code and these parameters."""
+    def recorded_version(self, directory: Path) -> str | None:
         meta = read_meta(Path(directory))
-        return meta is not None and meta.get("version") == self.version
-
-    def folder(self, avatar_id: str) -> Path:
-        """Where ``prepare_avatar``/``load_avatar`` keep an avatar: ``<avatar_root>/<id>/lite``, the
-        layout ``AvatarStore`` uses (beside ``store.json``, the source, other engines' folders)."""
-        if self.avatar_root is None:
-            raise RuntimeError("LiteRenderer has no avatar_root: use prepare_avatar_dir/load_avatar_dir")
-        if not _SAFE_ID.fullmatch(avatar_id):
-            raise ValueError(f"invalid avatar id {avatar_id!r}")
-        return self.avatar_root / avatar_id / self.name
-
-    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> LiteAvatar:
-        final = self.folder(avatar_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{self.name}-", dir=final.parent))
-        try:
-            avatar = self.prepare_avatar_dir(tmp, avatar_id, name, source)
-            replace_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return avatar
-
-    def load_avatar(self, avatar_id: str) -> LiteAvatar | None:
-        try:
-            return self.load_avatar_dir(self.folder(avatar_id))
-        except ValueError:
-            return None
+        version = meta.get("version") if meta is not None else None
+        return version if isinstance(version, str) else None
 
     def new_featurizer(self, mode: str = "live") -> LiteFeaturizer:
         """The same for "clip" and "live": features depend only on the frame and the next one."""
@@ -158,7 +129,7 @@ class LiteRenderer(Renderer):
             raise TypeError(f"the lite renderer cannot draw a {type(avatar).__name__}")
         k = avatar.frame_index(cycle_index)
         frame = avatar.frames[k]
-        out = frame.copy()
+        out: np.ndarray = frame.copy()
         if features is None or not math.isfinite(features.open) or features.open < REST_OPENNESS:
             return out
         openness = min(1.0, float(features.open))
@@ -251,19 +222,3 @@ def _paint_inside(region: np.ndarray, m: Mouth, col: int, line: float, bright: f
     patch += (colour - patch) * alpha
     region[r0:r1, c0:c1] = np.clip(patch + 0.5, 0, 255).astype(np.uint8)
 
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing any folder there, never leaving ``dst`` half
-    written: the old one is moved aside first and deleted only after the new one is in place."""
-    old: Path | None = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{dst.name}-", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-    try:
-        os.replace(src, dst)
-    except BaseException:
-        if old is not None:
-            os.replace(old / dst.name, dst)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -62,8 +62,9 @@ OPENINGS = tuple(round(0.7 + 0.035 * k, 3) for k in range(13))  # 0.7 .. 1.12
 
 
 def smoothstep(t: np.ndarray) -> np.ndarray:
-    t = np.clip(t, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    c: np.ndarray = np.clip(t, 0.0, 1.0)
+    out: np.ndarray = c * c * (3.0 - 2.0 * c)
+    return out
 
 
 def _falloff(distance: np.ndarray, inner: float, outer: float) -> np.ndarray:

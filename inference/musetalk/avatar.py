@@ -1,6 +1,7 @@
 """A prepared MuseTalk avatar, and how it is stored on disk.
 
-On disk (``<folder>/``): ``avatar.json`` (boxes, which frames have a face, the preparation hash),
+On disk (``<folder>/``): ``avatar.json`` (boxes, which frames have a face, how the faces were found
+(``faces``: frames with no face or a fallback box), the preparation hash),
 ``latents.safetensors`` ([N, 8, 32, 32]: masked then reference latent per source frame),
 ``masks.npz`` (one uint8 blending weight per face frame, loaded with ``allow_pickle=False``) and
 ``frames/NNNNN.png``. Frames without a face keep their place (zero latents, no mask) so indices of
@@ -11,20 +12,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from inference.engine import AvatarInfo, PreparedAvatar
+from inference.face import FaceReport
 from inference.musetalk.face import Box
 
 FORMAT = 1
+META_FILE = "avatar.json"
+LATENTS_FILE = "latents.safetensors"
+MASKS_FILE = "masks.npz"
+FRAMES_DIR = "frames"
+AVATAR_FILES = (META_FILE, LATENTS_FILE, MASKS_FILE, FRAMES_DIR)
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ class AvatarData:
     boxes: list[Box | None]
     alphas: list[np.ndarray | None]  # blending weight over each face box, float32 [h, w]
     mask_kind: str  # "parsing" or "geometric"
+    faces: FaceReport | None = None  # how the faces were found (None: prepared before this was kept)
 
 
 class MuseTalkAvatar(PreparedAvatar):
@@ -53,6 +59,7 @@ class MuseTalkAvatar(PreparedAvatar):
         self.source_frames = n
         self.info = AvatarInfo(id=avatar_id, name=name, frames=n, width=w, height=h, ready=True)
         self.has_face = np.array([b is not None for b in data.boxes], dtype=bool)
+        self.face_report = data.faces
         self.alphas = [a[..., None] if a is not None else None for a in data.alphas]
         self._latents: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -65,7 +72,8 @@ class MuseTalkAvatar(PreparedAvatar):
 
     def idle_frame(self, cycle_index: int) -> np.ndarray:
         """The source frame at loop position ``cycle_index`` (shared and read-only)."""
-        return self.data.frames[self.source_index(cycle_index)]
+        frame: np.ndarray = self.data.frames[self.source_index(cycle_index)]
+        return frame
 
     def to(self, device: torch.device, dtype: torch.dtype) -> MuseTalkAvatar:
         self.data.latents = self.data.latents.to(device=device, dtype=dtype)
@@ -85,63 +93,67 @@ class MuseTalkAvatar(PreparedAvatar):
 
 
 def save_avatar(folder: Path, avatar: MuseTalkAvatar) -> None:
-    """Write atomically: into a temporary folder beside ``folder`` (``.tmp-*``, which the avatar
-    store cleans up after a crash), then renamed over it."""
+    """Write into ``folder`` (created; normally a staging folder the caller swaps into place)."""
     from safetensors.torch import save_file
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    data = avatar.data
+    (folder / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(data.frames):
+        path = folder / FRAMES_DIR / f"{i:05d}.png"
+        if not cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {path}")
+    save_file({"latents": data.latents.detach().float().cpu().contiguous()}, str(folder / LATENTS_FILE))
+    masks: dict[str, Any] = {
+        f"m{i:05d}": np.round(a * 255).astype(np.uint8) for i, a in enumerate(data.alphas) if a is not None
+    }
+    np.savez_compressed(folder / MASKS_FILE, **masks)
+    meta = {
+        "format": FORMAT,
+        "version": avatar.version,
+        "id": avatar.info.id,
+        "name": avatar.info.name,
+        "frames": len(data.frames),
+        "width": avatar.info.width,
+        "height": avatar.info.height,
+        "boxes": [list(b) if b is not None else None for b in data.boxes],
+        "mask_kind": data.mask_kind,
+        "faces": data.faces.to_json() if data.faces is not None else None,
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def recorded_version(folder: Path) -> str | None:
+    """The preparation hash ``folder``'s metadata records; ``None`` if there is none readable."""
     try:
-        data = avatar.data
-        (tmp / "frames").mkdir()
-        for i, frame in enumerate(data.frames):
-            cv2.imwrite(str(tmp / "frames" / f"{i:05d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        save_file({"latents": data.latents.detach().float().cpu().contiguous()}, str(tmp / "latents.safetensors"))
-        masks = {f"m{i:05d}": np.round(a * 255).astype(np.uint8) for i, a in enumerate(data.alphas) if a is not None}
-        np.savez_compressed(tmp / "masks.npz", **masks)
-        meta = {
-            "format": FORMAT,
-            "version": avatar.version,
-            "id": avatar.info.id,
-            "name": avatar.info.name,
-            "frames": len(data.frames),
-            "width": avatar.info.width,
-            "height": avatar.info.height,
-            "boxes": [list(b) if b is not None else None for b in data.boxes],
-            "mask_kind": data.mask_kind,
-        }
-        (tmp / "avatar.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    version = meta.get("version") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else None
 
 
-def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
-    """The avatar stored in ``folder``, or ``None`` when there is none, it is damaged, or (unless
-    ``version`` is ``None``) it was prepared by another version of the preparation or with other
-    models (its hash differs)."""
+def load_avatar(folder: Path, version: str) -> MuseTalkAvatar | None:
+    """The avatar stored in ``folder``, or ``None`` when there is none, it is damaged, or it was
+    prepared by another version of the preparation or with other models (its hash differs)."""
     from safetensors.torch import load_file
 
-    meta_path = folder / "avatar.json"
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT or (version is not None and meta.get("version") != version):
+        if meta.get("format") != FORMAT or meta.get("version") != version:
             return None
         n = int(meta["frames"])
         frames = []
         for i in range(n):
-            bgr = cv2.imread(str(folder / "frames" / f"{i:05d}.png"), cv2.IMREAD_COLOR)
+            bgr = cv2.imread(str(folder / FRAMES_DIR / f"{i:05d}.png"), cv2.IMREAD_COLOR)
             if bgr is None:
                 raise ValueError(f"frame {i} is missing or unreadable")
             frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-        latents = load_file(str(folder / "latents.safetensors"))["latents"]
-        boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]  # type: ignore[misc]
-        with np.load(folder / "masks.npz", allow_pickle=False) as stored:
+        latents = load_file(str(folder / LATENTS_FILE))["latents"]
+        boxes: list[Box | None] = [tuple(b) if b is not None else None for b in meta["boxes"]]
+        with np.load(folder / MASKS_FILE, allow_pickle=False) as stored:
             alphas = [
                 stored[f"m{i:05d}"].astype(np.float32) / 255.0 if boxes[i] is not None else None for i in range(n)
             ]
@@ -151,6 +163,7 @@ def load_avatar(folder: Path, version: str | None) -> MuseTalkAvatar | None:
             boxes=boxes,
             alphas=alphas,
             mask_kind=meta["mask_kind"],
+            faces=FaceReport(**meta["faces"]) if meta.get("faces") else None,
         )
         if latents.shape[0] != n or len(boxes) != n:
             raise ValueError("latents or boxes do not match the frames")

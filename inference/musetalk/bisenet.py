@@ -75,7 +75,8 @@ class AttentionRefinementModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.conv(x)
         atten = torch.sigmoid(self.bn_atten(self.conv_atten(F.adaptive_avg_pool2d(feat, 1))))
-        return feat * atten
+        out: torch.Tensor = feat * atten
+        return out
 
 
 class ContextPath(nn.Module):
@@ -109,7 +110,8 @@ class FeatureFusionModule(nn.Module):
     def forward(self, fsp: torch.Tensor, fcp: torch.Tensor) -> torch.Tensor:
         feat = self.convblk(torch.cat([fsp, fcp], dim=1))
         atten = torch.sigmoid(self.conv2(F.relu(self.conv1(F.adaptive_avg_pool2d(feat, 1)))))
-        return feat * atten + feat
+        out: torch.Tensor = feat * atten + feat
+        return out
 
 
 class BiSeNetOutput(nn.Module):
@@ -119,7 +121,8 @@ class BiSeNetOutput(nn.Module):
         self.conv_out = nn.Conv2d(mid, classes, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(self.conv(x))
+        out: torch.Tensor = self.conv_out(self.conv(x))
+        return out
 
 
 class BiSeNet(nn.Module):

@@ -91,7 +91,8 @@ class FaceParser:
         batch = np.stack([parse_input(c) for c in crops])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         x = (x - _MEAN.to(self.device)) / _STD.to(self.device)
-        return self.net(x).argmax(1).cpu().numpy().astype(np.uint8)
+        classes: np.ndarray = self.net(x).argmax(1).cpu().numpy().astype(np.uint8)
+        return classes
 
     def mask(self, labels: np.ndarray) -> np.ndarray:
         """The 0/255 mask of one 512x512 label map in this parser's mode."""

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from inference.musetalk.bisenet import BiSeNet, width_of
 from inference.musetalk.layout import MissingModelsError, ModelLayout, check_models
+
+HubModel: TypeAlias = Any
+"""A diffusers or transformers model: those libraries are read as untyped (see pyproject's mypy
+overrides), so their models' methods (``decode``, ``encode``, ``config``) are not checked."""
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 VAE_SCALING = 0.18215
@@ -29,14 +34,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        weights: dict[str, torch.Tensor] = load_file(str(path))
+        return weights
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
     return state
 
 
-def load_unet(layout: ModelLayout) -> nn.Module:
+def load_unet(layout: ModelLayout) -> HubModel:
     """``UNet2DConditionModel(**musetalk.json)`` with a strict load of the checkpoint."""
     from diffusers import UNet2DConditionModel
 
@@ -46,19 +54,19 @@ def load_unet(layout: ModelLayout) -> nn.Module:
     return unet
 
 
-def load_vae(folder: Path) -> nn.Module:
+def load_vae(folder: Path) -> HubModel:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_taesd(folder: Path) -> nn.Module:
+def load_taesd(folder: Path) -> HubModel:
     from diffusers import AutoencoderTiny
 
     return AutoencoderTiny.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_whisper(folder: Path) -> tuple[nn.Module, object]:
+def load_whisper(folder: Path) -> tuple[HubModel, object]:
     """The whisper encoder (the decoder is dropped) and its log-mel feature extractor."""
     from transformers import WhisperFeatureExtractor, WhisperModel
 
@@ -81,6 +89,8 @@ def load_face_parser(layout: ModelLayout) -> BiSeNet:
 class PositionalEncoding(nn.Module):
     """The sinusoidal encoding MuseTalk adds to the audio features before the UNet."""
 
+    pe: torch.Tensor
+
     def __init__(self, d_model: int = 384, max_len: int = 64) -> None:
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
@@ -100,15 +110,15 @@ class PositionalEncoding(nn.Module):
 class MuseTalkModels:
     """Every network the engine uses, on one device in one dtype, in eval mode."""
 
-    unet: nn.Module
-    vae: nn.Module
-    whisper: nn.Module
+    unet: HubModel
+    vae: HubModel
+    whisper: HubModel
     feature_extractor: object
     positional: PositionalEncoding
     device: torch.device
     dtype: torch.dtype
     face_parser: BiSeNet | None = None
-    taesd: nn.Module | None = None
+    taesd: HubModel | None = None
     layout: ModelLayout | None = None
 
     @property

@@ -1,7 +1,15 @@
-"""Avatar preparation: source frames -> face boxes -> 256x256 crops -> VAE latents and blend masks."""
+"""Avatar preparation: source frames -> face boxes -> 256x256 crops -> VAE latents and blend masks.
+
+Every source frame keeps its index: a frame where no face is found takes the box of the nearest
+frame with one when that is at most ``MAX_GAP`` frames away (``face.fill_gaps``), and otherwise has
+no box, zero latents and no mask, and is shown unchanged. MuseTalk's own scripts skip such frames
+when they build the latent list, so that frames and latents fall out of step after the first one;
+here they cannot. ``AvatarData.faces`` says how many frames had no face or a fallback box.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,8 +17,9 @@ import cv2
 import numpy as np
 import torch
 
+from inference.face import FaceReport
 from inference.musetalk.avatar import AvatarData
-from inference.musetalk.face import Box, FaceDetector, detect_boxes, fill_gaps
+from inference.musetalk.face import Box, FaceDetector, FoundFace, fill_gaps, find_faces
 from inference.musetalk.masks import (
     FaceParser,
     crop_box,
@@ -21,6 +30,9 @@ from inference.musetalk.masks import (
 from inference.musetalk.models import MuseTalkModels
 
 CROP = 256
+MAX_GAP = 5  # a frame without a face takes the box of a frame at most this far
+
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -35,7 +47,7 @@ def read_frames(source: str | Path, max_frames: int = 750) -> np.ndarray:
             raise ValueError(f"cannot decode the image {path}")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)[None]
     capture = cv2.VideoCapture(str(path))
-    frames = []
+    frames: list[np.ndarray] = []
     try:
         while len(frames) < max_frames:
             ok, frame = capture.read()
@@ -108,9 +120,20 @@ def prepare(
     seed: int = 0,
 ) -> AvatarData:
     """Compute an avatar's latents, boxes and masks; fails when no frame has a face."""
-    boxes = fill_gaps([_valid(box) for box in detect_boxes(frames, detector)])
+    found = find_faces(list(frames), detector)
+    raw = [_valid(f.box) if f is not None else None for f in found]
+    boxes = fill_gaps(raw, MAX_GAP)
     if all(b is None for b in boxes):
         raise ValueError("no face found in the avatar source")
+    faces = face_report(found, raw, str(getattr(detector, "method", "given")))
+    if faces.no_face or faces.fallback:
+        log.warning(
+            "avatar preparation: %d of %d frames had no face (%d shown unchanged), %d a fallback box",
+            faces.no_face,
+            faces.frames,
+            sum(b is None for b in boxes),
+            faces.fallback,
+        )
     face_frames = [i for i, b in enumerate(boxes) if b is not None]
     crops = np.stack([face_crop(frames[i], boxes[i]) for i in face_frames])  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)
@@ -123,7 +146,14 @@ def prepare(
         boxes=boxes,
         alphas=blend_alphas(frames, boxes, parser),
         mask_kind="parsing" if parser is not None else "geometric",
+        faces=faces,
     )
+
+
+def face_report(found: Sequence[FoundFace | None], valid: Sequence[Box | None], method: str) -> FaceReport:
+    """Frames with no (usable) face, and frames whose box came another way than ``method``."""
+    fallback = sum(f is not None and b is not None and f.method != method for f, b in zip(found, valid, strict=True))
+    return FaceReport(frames=len(found), no_face=sum(b is None for b in valid), fallback=fallback, method=method)
 
 
 def _valid(box: Box | None) -> Box | None:

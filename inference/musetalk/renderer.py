@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from inference.avatars.layout import FaceBox
+from inference.dwpose import WEIGHTS as DWPOSE_WEIGHTS
+from inference.dwpose import WholeBodyPose
 from inference.engine import FrameRequest, Renderer
 from inference.musetalk.audio import WhisperSteps, clip_features
-from inference.musetalk.avatar import MuseTalkAvatar, load_avatar, save_avatar
+from inference.musetalk.avatar import AVATAR_FILES, MuseTalkAvatar, load_avatar, recorded_version, save_avatar
 from inference.musetalk.blend import paste_face
 from inference.musetalk.face import (
     EXTRA_MARGIN,
     Box,
     FaceDetector,
-    HaarFaceDetector,
+    FeatureFaceDetector,
+    LandmarkFaceDetector,
     box_from_detection,
 )
 from inference.musetalk.featurizer import WhisperFeaturizer
@@ -27,10 +32,12 @@ from inference.musetalk.masks import CHEEK_WIDTH, EXPAND, UPPER_BOUNDARY, FacePa
 from inference.musetalk.models import MuseTalkModels, load_models
 from inference.musetalk.prepare import prepare, read_frames
 
-# 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules
-PREPARATION_VERSION = "musetalk-v15-prep-3"
+# 2: boxes tracked with inference.face; 3: v1.5's cheek width (90), PIL-like resizes, v1 rules;
+# 4: landmark boxes (DWPose) or the lip- and chin-anchored estimate
+PREPARATION_VERSION = "musetalk-v15-prep-4"
 DECODERS = ("sd-vae", "taesd")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+log = logging.getLogger(__name__)
 
 
 class MuseTalkRenderer(Renderer):
@@ -42,12 +49,10 @@ class MuseTalkRenderer(Renderer):
 
     Avatar preparation follows the loaded version's rules: v1.5 puts ``EXTRA_MARGIN`` (10 px) below
     the chin and blends with "jaw" masks; v1 (``models.version == "v1"``) has no margin and "raw"
-    masks.
+    masks. Face boxes come from DWPose's landmarks when ``dwpose/dw-ll_ucoco_384.pth`` is in the
+    models folder (as in MuseTalk's download), else from the offline estimate (logged once).
 
-    ``prepare_avatar_dir``/``load_avatar_dir`` work on a folder the caller chooses (what
-    ``inference.avatar_store.AvatarStore`` uses: ``<store root>/<id>/musetalk``);
-    ``prepare_avatar``/``load_avatar`` keep avatars by id in ``<avatar_root>/<id>/musetalk``, the
-    same layout, so with ``avatar_root`` the store's root both find the same files.
+    ``avatar_root`` is the store's root, for the id-based ``Renderer.prepare_avatar``/``load_avatar``.
     """
 
     name = "musetalk"
@@ -103,9 +108,10 @@ class MuseTalkRenderer(Renderer):
     @property
     def preparation_version(self) -> str:
         """A hash of everything that shapes a prepared avatar: when it changes, avatars are redone."""
-        vae = self.models.vae.config
+        vae = cast(Mapping[str, Any], self.models.vae.config)
         key = {
             "prep": PREPARATION_VERSION,
+            "faces": self._face_method(),
             "margin": self.extra_margin,
             "seed": self.seed,
             "parsing": self.models.face_parser is not None,
@@ -117,16 +123,43 @@ class MuseTalkRenderer(Renderer):
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _folder(self, avatar_id: str) -> Path:
-        if not _SAFE_ID.match(avatar_id) or avatar_id in {".", ".."}:
-            raise ValueError(f"invalid avatar id {avatar_id!r}")
-        return self.avatar_root / avatar_id / self.name
+    @property
+    def avatar_files(self) -> tuple[str, ...]:
+        return AVATAR_FILES
 
     @property
     def detector(self) -> FaceDetector:
+        """The detector given, else DWPose's landmarks when its weights are there, else the offline
+        estimate."""
         if self._detector is None:
-            self._detector = HaarFaceDetector(extra_margin=self.extra_margin)
+            self._detector = self._default_detector()
         return self._detector
+
+    @property
+    def dwpose_weights(self) -> Path | None:
+        """DWPose's checkpoint in the models folder, if it is there."""
+        root = self.models.layout.root if self.models.layout is not None else None
+        weights = root / DWPOSE_WEIGHTS if root is not None else None
+        return weights if weights is not None and weights.is_file() else None
+
+    def _face_method(self) -> str:
+        """How faces will be found, without loading DWPose (for the preparation version)."""
+        if self._detector is not None:
+            return str(getattr(self._detector, "method", "given"))
+        return "landmarks" if self.dwpose_weights is not None else FeatureFaceDetector.method
+
+    def _default_detector(self) -> FaceDetector:
+        fallback = FeatureFaceDetector(extra_margin=self.extra_margin)
+        weights = self.dwpose_weights
+        if weights is None:
+            log.warning(
+                "DWPose's weights (%s) are not there: face boxes are estimated from a Haar face box, the "
+                "lips and the chin instead of MuseTalk's landmarks (see docs/benchmarks.md for how close)",
+                DWPOSE_WEIGHTS,
+            )
+            return fallback
+        pose = WholeBodyPose.from_file(weights, device=self.models.device)
+        return LandmarkFaceDetector(pose, fallback, extra_margin=self.extra_margin)
 
     def prepare_avatar_dir(
         self,
@@ -135,10 +168,8 @@ class MuseTalkRenderer(Renderer):
         name: str,
         source: Path | str,
         *,
-        face_box: tuple[float, float, float, float] | None = None,
+        face_box: FaceBox | None = None,
     ) -> MuseTalkAvatar:
-        """Prepare ``source`` and write the avatar into ``directory`` (replaced whole).
-        ``face_box`` (x, y, w, h in the source's pixels) skips face detection."""
         detector = self.detector
         if face_box is not None:
             detector = _fixed_face(face_box, self.extra_margin)
@@ -150,27 +181,22 @@ class MuseTalkRenderer(Renderer):
         save_avatar(Path(directory), avatar)
         return avatar.to(self.models.device, self.models.dtype)
 
-    def load_avatar_dir(self, directory: Path, *, allow_stale: bool = False) -> MuseTalkAvatar | None:
-        """Load the avatar in ``directory``; ``None`` if missing, damaged or stale (prepared by other
-        code or models, unless ``allow_stale``)."""
-        avatar = load_avatar(Path(directory), None if allow_stale else self.preparation_version)
+    def load_avatar_dir(self, directory: Path) -> MuseTalkAvatar | None:
+        avatar = load_avatar(Path(directory), self.preparation_version)
         return avatar.to(self.models.device, self.models.dtype) if avatar is not None else None
 
-    def prepare_avatar(self, avatar_id: str, name: str, source: str) -> MuseTalkAvatar:
-        return self.prepare_avatar_dir(self._folder(avatar_id), avatar_id, name, source)
-
-    def load_avatar(self, avatar_id: str) -> MuseTalkAvatar | None:
-        return self.load_avatar_dir(self._folder(avatar_id))
+    def recorded_version(self, directory: Path) -> str | None:
+        return recorded_version(Path(directory))
 
     # ----- audio -----
 
-    def new_featurizer(self, mode: str | None = None) -> WhisperFeaturizer:
+    def new_featurizer(self, mode: str = "live") -> WhisperFeaturizer:
         """Live features by default (bounded look-ahead, see ``featurizer``); ``mode="clip"`` waits
         for whole 30 s segments so that features are exactly the whole-clip ones."""
         return WhisperFeaturizer(
             self.audio,
             chunk_frames=self.live_chunk_frames,
-            exact=getattr(mode, "value", mode) == "clip",
+            exact=mode == "clip",
         )
 
     def clip_features(self, audio: np.ndarray) -> list[torch.Tensor]:
@@ -191,8 +217,8 @@ class MuseTalkRenderer(Renderer):
             image = m.taesd.decode(pred).sample
         else:
             image = m.vae.decode(pred / m.vae_scaling).sample
-        image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1)
+        faces: torch.Tensor = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return faces.permute(0, 2, 3, 1)
 
     def render(self, requests: Sequence[FrameRequest]) -> list[np.ndarray]:
         avatars = [_musetalk_avatar(r.avatar) for r in requests]
@@ -213,7 +239,7 @@ class MuseTalkRenderer(Renderer):
         return images
 
 
-def _fixed_face(face_box: tuple[float, float, float, float], extra_margin: int) -> FaceDetector:
+def _fixed_face(face_box: FaceBox, extra_margin: int) -> FaceDetector:
     x, y, w, h = (round(v) for v in face_box)
 
     def detector(rgb: np.ndarray) -> Box | None:

@@ -63,7 +63,10 @@ class Admission(Generic[OwnerT]):
 
     async def _expire(self, now: float) -> None:
         for ticket in await self.store.expire(now):
+            owner = self._owners.get(ticket.id)
             self._forget(ticket.id)
+            if owner is not None:
+                owner.forgotten()
 
     def _forget(self, ticket_id: str) -> None:
         owner = self._owners.pop(ticket_id, None)

@@ -24,6 +24,10 @@ class TicketOwner(ABC):
         """The ticket was granted a slot; False if the owner can no longer use it."""
 
     @abstractmethod
+    def forgotten(self) -> None:
+        """The detached ticket's resume grace is over: it is gone for good (free what it holds)."""
+
+    @abstractmethod
     def lost(self, reason: str) -> None:
         """The ticket is gone with the shared line (Redis restarted empty): tell the client."""
 

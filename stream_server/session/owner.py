@@ -55,6 +55,9 @@ class RequestOwner(TicketOwner):
         eta = None if eta_s is None else round(eta_s, 1)
         return Queued(position=position, queue_size=queue_size, tier=self.tier, eta_s=eta).encode()
 
+    def forgotten(self) -> None:
+        self.request.audio.close()
+
     def granted(self, grant: Grant) -> bool:
         if self.outbox.closed or not self._start(grant):
             return False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from inference.stream import EngineStream
 from stream_server.audio_input import AudioInput, Pcm
@@ -61,7 +61,6 @@ class Request:
     start: Start
     audio: AudioInput
     status: RequestStatus = RequestStatus.WAITING
-    pending: list[Pcm | None] = field(default_factory=list)
     frames_total: int | None = None
     clip_key: str | None = None
     stream: EngineStream | None = None
@@ -76,10 +75,10 @@ class Request:
         return self.start.mode == "live"
 
     def deliver(self, pcm: Pcm | None) -> None:
-        """Audio (or, as ``None``, the end of it) for the engine, now or once granted."""
-        if self.stream is None:
-            self.pending.append(pcm)
-        elif pcm is None:
+        """Audio (or, as ``None``, the end of it) for the granted engine stream; while the request
+        waits, its audio stays in ``audio`` as received."""
+        assert self.stream is not None
+        if pcm is None:
             self.stream.end_audio()
         else:
             self.stream.feed(*pcm)

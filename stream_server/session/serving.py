@@ -125,13 +125,13 @@ class Serving:
             avatar,
             StreamMode(request.start.mode),
             buffer_frames=self.settings.engine.stream_buffer_frames,
-            on_output=lambda: loop.call_soon_threadsafe(ready.set),
+            # the WebRTC sender waits on the loop; the MSE encoder waits in its own thread
+            on_output=(lambda: loop.call_soon_threadsafe(ready.set)) if request.offer is not None else None,
         )
         request.stream = stream
         request.status = RequestStatus.STREAMING
-        for pcm in request.pending:
+        for pcm in await request.audio.grant():
             request.deliver(pcm)
-        request.pending.clear()
         limit = self.settings.limits.max_live_session_s if request.live else None
         try:
             async with asyncio.timeout(limit):
@@ -140,7 +140,6 @@ class Serving:
                 sender = MseSender(
                     stream,
                     outbox,
-                    ready,
                     self.settings.stream,
                     total_frames=lambda: request.frames_total,
                     open_clip=lambda: self.clips.writer(request.clip_key) if request.clip_key else None,

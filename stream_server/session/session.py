@@ -12,7 +12,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from inference.engine import FEATURE_SAMPLES_PER_FRAME, FPS
+from inference.engine import FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull, Ticket
@@ -47,6 +47,7 @@ from stream_server.session.request import FINISHED_ERRORS, Request, RequestStatu
 from stream_server.session.serving import Serving
 from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
+from stream_server.upload_budget import UploadBudget
 
 STORE_RETRY_S = 2.0
 """retry_after_s suggested while the shared queue store is unreachable."""
@@ -63,6 +64,7 @@ class SessionServices:
     dispatcher: Dispatcher[RequestOwner]
     serving: Serving
     start_limiter: RateLimiter
+    upload_budget: UploadBudget
 
 
 class Session:
@@ -113,7 +115,7 @@ class Session:
             self.machine.check(Event.CANCEL)
             await self.cancel()
         elif isinstance(message, Interrupt):
-            self._interrupt()
+            await self._interrupt()
         elif isinstance(message, WebrtcOffer):
             self._offer(message)
 
@@ -121,6 +123,8 @@ class Session:
         self.machine.check(Event.AUDIO)
         request = self.request
         assert request is not None
+        if request.audio.complete:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "binary audio after audio_end: the clip's audio is complete")
         try:
             pcm = await request.audio.add(data)
         except ProtocolError:
@@ -230,12 +234,14 @@ class Session:
         self.machine.check(Event.START)
         assert self.identity is not None
         services = self.services
+        services.auth.ensure_current(self.identity)
         wait = services.start_limiter.allow(self.identity.key, time.monotonic())
         if wait > 0:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many start messages", retry_after_s=wait)
         avatar = await asyncio.to_thread(services.engine.avatars.info, message.avatar)
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
+        self.services.upload_budget.check_room()
         audio = self._audio_input(message)
         if self.handoff is not None:
             await self._start_handed_off(self.handoff, message, audio)
@@ -250,8 +256,10 @@ class Session:
                 request=message.model_dump_json(exclude={"id"}),
             )
         except QueueFull as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.QUEUE_FULL, exc.reason, retry_after_s=exc.retry_after_s) from None
         except IdentityBusy as exc:
+            audio.close()
             raise ProtocolError(ErrorCode.BUSY, str(exc)) from None
         self.request = request
         self.machine.apply(Event.START)
@@ -268,6 +276,8 @@ class Session:
             live=message.mode == "live",
             max_seconds=limits.max_audio_seconds,
             max_bytes=limits.max_audio_bytes,
+            budget=self.services.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
         )
 
     async def _start_handed_off(self, grant: Grant, message: Start, audio: AudioInput) -> None:
@@ -289,7 +299,7 @@ class Session:
         self.machine.check(Event.AUDIO_END)
         request = self.request
         assert request is not None
-        if not request.live and request.frames_total is not None:
+        if not request.live and request.audio.complete:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "audio_end was already sent for this clip")
         try:
             pcm = await request.audio.end()
@@ -299,16 +309,16 @@ class Session:
         if request is not self.request:
             return
         if not request.live:
-            features, _ = pcm
-            request.frames_total = len(features) // FEATURE_SAMPLES_PER_FRAME
+            request.frames_total = request.audio.frames
             if request.frames_total == 0:
                 await self._drop_request(request)
                 raise ProtocolError(ErrorCode.BAD_AUDIO, "the audio is shorter than one video frame (40 ms)")
             if await self.services.serving.find_cached(request) and request is self.request:
                 await self._replay(request)
                 return
-        request.deliver(pcm)
-        request.deliver(None)
+        if pcm is not None:
+            request.deliver(pcm)
+            request.deliver(None)
 
     async def _replay(self, request: Request) -> None:
         """The same clip was made before: give back the queue place or the slot (nothing has been
@@ -320,6 +330,7 @@ class Session:
             await self.services.admission.leave(request.ticket_id)
         elif request.task is not None:
             await self._stop_serving(request)
+        request.audio.close()
         await self.services.serving.replay(request, self.outbox)
         request.status = RequestStatus.FINISHED
 
@@ -331,13 +342,13 @@ class Session:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "this request takes no (further) WebRTC offer")
         request.offer.set_result((message.sdp, message.id))
 
-    def _interrupt(self) -> None:
+    async def _interrupt(self) -> None:
         self.machine.check(Event.INTERRUPT)
         request = self.request
         assert request is not None
         if not request.live:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "interrupt applies to a live session")
-        request.pending.clear()
+        await request.audio.interrupt()
         if request.stream is not None:
             request.stream.interrupt()
         if request.rtc is not None:
@@ -354,6 +365,7 @@ class Session:
         self.request = None
         self.machine.apply(Event.END)
         request.status = RequestStatus.FINISHED
+        request.audio.close()
         return True
 
     def _take_grant(self, grant: Grant) -> bool:
@@ -375,6 +387,7 @@ class Session:
         try:
             status = await self.services.serving.serve(request, self.outbox)
         finally:
+            request.audio.close()
             request.status = status
             if self.request is request:
                 self.request = None
@@ -396,6 +409,7 @@ class Session:
             await self._drop_request(request)
 
     async def _drop_request(self, request: Request) -> None:
+        request.audio.close()
         if self.request is request:
             self.request = None
             self.machine.apply(Event.END)

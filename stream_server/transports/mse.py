@@ -1,23 +1,27 @@
 """MSE transport: frames from an engine stream, encoded off the loop, sent as fMP4 segments.
 
 The sequence on the socket is ``stream`` (mime, size, fps) once the first segment is cut, the init
-segment as one binary message, then media segments as they are cut. Encoding runs in a thread; the outbox bounds what
-waits for a slow client, and while it is full the engine stream's own buffer fills and its worker
-stops rendering for this session.
+segment as one binary message, then media segments as they are cut.
+
+The encoder thread takes frames from the engine stream itself (``EngineStream.wait_frames``),
+encodes them and keeps the stored clip; only encoded segments and frame counts reach the event loop.
+The thread waits until the loop has put each batch of segments into the outbox, and the outbox
+waits for room while a slow client has too much media unread: so the encoder stops, the engine
+stream's own buffer fills and its worker stops rendering for this session, and no other session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
-from inference.engine import FPS, Frame
+from inference.engine import FPS
 from inference.stream import EngineStream, StreamState
 from stream_server.clips import ClipWriter
 from stream_server.outbox import Outbox
@@ -26,7 +30,9 @@ from stream_server.settings import StreamSettings
 from stream_server.transports.announce import stream_start
 from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_FRAMES = FPS // 2
 
 
 @dataclass
@@ -52,7 +58,7 @@ class ProgressReporter:
 
     def add(self, frames: int) -> None:
         self.frames += frames
-        if self.frames - self._reported >= FPS // 2:
+        if self.frames - self._reported >= PROGRESS_EVERY_FRAMES:
             self.flush()
 
     def flush(self) -> None:
@@ -62,14 +68,37 @@ class ProgressReporter:
         self.outbox.send(Progress(frames=self.frames, total=self.total()).encode())
 
 
+@dataclass(frozen=True)
+class InitSegment:
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """What the encoder thread hands the loop: new segments and how many frames they cover."""
+
+    segments: list[bytes]
+    frames: int
+    init: InitSegment | None = None
+
+
+class SenderStopped(Exception):
+    """The sender's ``run`` ended; the encoder thread stops at its next hand-over."""
+
+
 class MseSender:
-    """Encodes one engine stream to fMP4 and sends it; optionally keeps the clip."""
+    """Encodes one engine stream to fMP4 and sends it; optionally keeps the clip.
+
+    The loop side (``run``, ``_forward``) owns what goes to the client; the encoder thread
+    (``_encode_stream`` and below) owns the muxer and the stored clip."""
 
     def __init__(
         self,
         stream: EngineStream,
         outbox: Outbox,
-        ready: asyncio.Event,
         settings: StreamSettings,
         *,
         total_frames: Callable[[], int | None] = lambda: None,
@@ -79,107 +108,162 @@ class MseSender:
     ) -> None:
         self.stream = stream
         self.outbox = outbox
-        self.ready = ready
         self.settings = settings
         self.open_clip = open_clip
-        self.clip: ClipWriter | None = None
         self.on_frames = on_frames
         self.first_segment = first_segment
         self.frames = 0
-        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mse-encoder")
-        self._init_sent = False
-        self._clip_started = False
-        self._clip_committed = False
         self.progress = ProgressReporter(outbox, total_frames)
+        self._stopped = False
+        self._forwarding: asyncio.Task[object] | None = None
 
     async def run(self) -> StreamResult:
-        width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
-        muxer = await self._in_encoder(
-            partial(
-                FragmentedMp4Muxer,
-                width,
-                height,
-                FPS,
-                segment_seconds=self.settings.segment_s,
-                crf=self.settings.video_crf,
-                preset=self.settings.x264_preset,
-                audio_bitrate=self.settings.audio_bitrate,
-                threads=1,
-            )
-        )
+        loop = asyncio.get_running_loop()
+        encoded: asyncio.Future[Path | None] = loop.create_future()
+        # A daemon thread: it may wait for frames, and must never hold up the interpreter's exit.
+        threading.Thread(target=self._encoder_main, args=(loop, encoded), name="mse-encoder", daemon=True).start()
         try:
-            while True:
-                self.ready.clear()
-                frames = self.stream.take_frames()
-                if frames:
-                    await self._send(muxer, await self._in_encoder(self._encode, muxer, frames))
-                    self.frames += len(frames)
-                    self.on_frames(len(frames))
-                    self.progress.add(len(frames))
-                elif self.stream.closed:
-                    break
-                else:
-                    await self.ready.wait()
+            clip_path = await encoded
             if self.stream.state is StreamState.FINISHED:
-                await self._send(muxer, await self._in_encoder(self._close, muxer))
                 self.progress.flush()
-                clip_path = None
-                if self.clip is not None:
-                    meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height,
-                            "fps": FPS, "frames": self.frames}
-                    clip_path = await self._in_encoder(self._commit_clip, meta)
                 return StreamResult(self.frames, self.stream.state, None, clip_path)
             return StreamResult(self.frames, self.stream.state, self.stream.error)
         finally:
-            # Queued behind any encode still running, so the muxer is never used by two threads.
-            self._encoder.submit(self._abandon, muxer)
-            self._encoder.shutdown(wait=False)
+            self._stopped = True
+            if self._forwarding is not None:
+                self._forwarding.cancel()
+            self.stream.cancel()  # wakes the encoder thread if it waits for frames
 
-    async def _in_encoder(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, fn, *args)
+    # ----- loop side -----
 
-    def _abandon(self, muxer: FragmentedMp4Muxer) -> None:
-        muxer.close()
-        if self.clip is not None and not self._clip_committed:
-            self.clip.discard()
+    async def _forward(self, batch: EncodedBatch) -> None:
+        if self._stopped:
+            raise SenderStopped
+        self._forwarding = asyncio.current_task()
+        try:
+            if batch.init is not None:
+                init = batch.init
+                self.outbox.send(stream_start("mse", init.width, init.height, init.mime))
+                await self.outbox.send_media(init.data)
+                self.first_segment()
+            for seg in batch.segments:
+                await self.outbox.send_media(seg)
+        finally:
+            self._forwarding = None
+        self.frames += batch.frames
+        self.on_frames(batch.frames)
+        self.progress.add(batch.frames)
 
-    def _encode(self, muxer: FragmentedMp4Muxer, frames: list[Frame]) -> list[bytes]:
-        return self._keep(muxer, muxer.encode(frames))
+    # ----- encoder thread -----
 
-    def _close(self, muxer: FragmentedMp4Muxer) -> list[bytes]:
-        return self._keep(muxer, muxer.close())
+    def _encoder_main(self, loop: asyncio.AbstractEventLoop, encoded: asyncio.Future[Path | None]) -> None:
+        try:
+            outcome: Path | BaseException | None = self._encode_stream(loop)
+        except BaseException as exc:  # handed to ``run``, which raises it on the loop
+            outcome = exc
+        try:
+            loop.call_soon_threadsafe(_settle, encoded, outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this stream any more
+            log.debug("encoder of a stream outlived its event loop")
 
-    def _keep(self, muxer: FragmentedMp4Muxer, segments: list[bytes]) -> list[bytes]:
-        """Append segments to the stored clip (opened with the first segment)."""
-        if segments and not self._clip_started:
-            self._clip_started = True
+    def _encode_stream(self, loop: asyncio.AbstractEventLoop) -> Path | None:
+        """Encode every frame of the stream; returns the stored clip once the stream finished
+        (``None`` when it did not, or when there is no clip to keep)."""
+        width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
+        settings = self.settings
+        muxer = FragmentedMp4Muxer(
+            width,
+            height,
+            FPS,
+            segment_seconds=settings.segment_s,
+            crf=settings.video_crf,
+            preset=settings.x264_preset,
+            audio_bitrate=settings.audio_bitrate,
+            threads=1,
+        )
+        writer = _SegmentWriter(muxer, self.open_clip)
+        try:
+            unsent = 0
+            while frames := self.stream.wait_frames():
+                segments = writer.keep(muxer.encode(frames))
+                unsent += len(frames)
+                if segments or unsent >= PROGRESS_EVERY_FRAMES:
+                    self._hand_over(loop, writer.batch(segments, unsent))
+                    unsent = 0
+            if self.stream.state is not StreamState.FINISHED:
+                return None
+            self._hand_over(loop, writer.batch(writer.keep(muxer.close()), unsent))
+            if writer.clip is None:
+                return None
+            meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height, "fps": FPS,
+                    "frames": writer.frames}
+            return writer.commit(meta)
+        except (SenderStopped, concurrent.futures.CancelledError):
+            return None
+        finally:
+            writer.abandon()
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, batch: EncodedBatch) -> None:
+        """Give the loop a batch and wait until it is in the outbox (the backpressure)."""
+        if batch.segments or batch.frames:
+            asyncio.run_coroutine_threadsafe(self._forward(batch), loop).result()
+
+
+def _settle(future: asyncio.Future[Path | None], outcome: Path | BaseException | None) -> None:
+    if future.done():  # ``run`` was cancelled and no longer waits
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class _SegmentWriter:
+    """Encoder-thread state: the init segment owed to the client, and the stored clip (opened
+    with the first segment, committed at the end, discarded otherwise)."""
+
+    def __init__(self, muxer: FragmentedMp4Muxer, open_clip: Callable[[], ClipWriter | None]) -> None:
+        self.muxer = muxer
+        self.open_clip = open_clip
+        self.clip: ClipWriter | None = None
+        self.frames = 0
+        self._started = False
+        self._init_owed = True
+        self._committed = False
+
+    def keep(self, segments: list[bytes]) -> list[bytes]:
+        if segments and not self._started:
+            self._started = True
             self.clip = self.open_clip()
             if self.clip is not None:
-                assert muxer.init_segment is not None
-                self.clip.write(muxer.init_segment)
+                assert self.muxer.init_segment is not None
+                self.clip.write(self.muxer.init_segment)
         if self.clip is not None:
             for seg in segments:
                 self.clip.write(seg)
         return segments
 
-    def _commit_clip(self, meta: dict[str, object]) -> Path:
+    def batch(self, segments: list[bytes], frames: int) -> EncodedBatch:
+        self.frames += frames
+        init = None
+        if segments and self._init_owed:
+            self._init_owed = False
+            muxer = self.muxer
+            assert muxer.init_segment is not None
+            init = InitSegment(muxer.init_segment, muxer.mime, muxer.width, muxer.height)
+        return EncodedBatch(segments, frames, init)
+
+    def commit(self, meta: dict[str, object]) -> Path:
         assert self.clip is not None
         clip_sidecar(self.clip.store.path(self.clip.key)).write_text(json.dumps(meta))
         path = self.clip.commit()
-        self._clip_committed = True
+        self._committed = True
         return path
 
-    async def _send(self, muxer: FragmentedMp4Muxer, segments: list[bytes]) -> None:
-        if not segments:
-            return
-        if not self._init_sent:
-            assert muxer.init_segment is not None
-            self.outbox.send(stream_start("mse", muxer.width, muxer.height, muxer.mime))
-            await self.outbox.send_media(muxer.init_segment)
-            self._init_sent = True
-            self.first_segment()
-        for seg in segments:
-            await self.outbox.send_media(seg)
+    def abandon(self) -> None:
+        self.muxer.close()
+        if self.clip is not None and not self._committed:
+            self.clip.discard()
 
 
 async def send_cached_clip(path: Path, outbox: Outbox, max_message_bytes: int) -> int:

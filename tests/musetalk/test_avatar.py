@@ -116,7 +116,8 @@ def test_geometric_masks_without_parsing_weights(models, tmp_path: Path) -> None
 def test_the_avatar_store_owns_the_folder(renderer: MuseTalkRenderer, tmp_path: Path) -> None:
     """Through the store (the server's way): ``<root>/<id>/musetalk`` beside the source; a damaged
     avatar is prepared again from the stored source; the id-based methods find the same files."""
-    from inference.avatar_store import STORE_FILE, AvatarStore
+    from inference.avatars.layout import STORE_FILE
+    from inference.avatars.store import AvatarStore
 
     store = AvatarStore(renderer.avatar_root, renderer)
     source = write_video(tmp_path / "v.mp4", [face_image(13), face_image(14)])
