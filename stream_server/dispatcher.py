@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 
 from stream_server.admission.admission import Admission, QueueView
 from stream_server.admission.owner import TicketOwner
-from stream_server.admission.store import Grant
+from stream_server.admission.store import Grant, StoreUnavailable
 from stream_server.cluster.grants import GrantClaim, GrantTokens
 from stream_server.metrics import Metrics
 from stream_server.settings import TIER_NAMES
@@ -41,6 +41,8 @@ class Dispatcher(Generic[OwnerT]):
         self.grant_tokens = grant_tokens
         """Signs the grants that send a client to another node (a shared store)."""
         self.grant_ttl_s = grant_ttl_s
+        self._unreleased: dict[str, bool] = {}
+        """Slots whose release the shared store did not take (ticket id -> served)."""
         self.granting = True
         """False while the node drains: it reserves no new slot of its own."""
         self.metrics = metrics
@@ -54,10 +56,22 @@ class Dispatcher(Generic[OwnerT]):
         self._changed.set()
 
     async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
-        """A granted request ended: free its slot (idempotent)."""
-        if await self.admission.release(ticket_id, self.admission.clock(), served=served) is not None and served:
+        """A granted request ended: free its slot (idempotent). A shared store that cannot be
+        reached frees it on a later round."""
+        try:
+            released = await self.admission.release(ticket_id, self.admission.clock(), served=served)
+        except StoreUnavailable as exc:
+            log.warning("slot of %s not released yet (%s): retried every round", ticket_id, exc)
+            self._unreleased[ticket_id] = served
+            released = None
+        if released is not None and served:
             self.metrics.service.labels(mode).observe(held_s)
         self.metrics.sessions_active.set(self.admission.serving_count)
+
+    async def _retry_releases(self) -> None:
+        for ticket_id, served in list(self._unreleased.items()):
+            await self.admission.release(ticket_id, self.admission.clock(), served=served)
+            del self._unreleased[ticket_id]
 
     async def run(self) -> None:
         tick = self.heartbeat_s / HEARTBEAT_PHASES
@@ -68,6 +82,7 @@ class Dispatcher(Generic[OwnerT]):
                 await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
             self._changed.clear()
             try:
+                await self._retry_releases()
                 await self._grant_all()
                 heartbeat = None
                 if time.monotonic() >= next_tick:

@@ -57,6 +57,9 @@ def admission_store(settings: Settings) -> AdmissionStore:
         queue.redis_url, max_connections=queue.redis_max_connections, timeout=5, socket_timeout=5,
         socket_connect_timeout=5,
     )
+    lease_pool = aioredis.BlockingConnectionPool.from_url(
+        queue.redis_url, max_connections=2, timeout=5, socket_timeout=5, socket_connect_timeout=5
+    )
     return RedisAdmissionStore(
         aioredis.Redis(connection_pool=pool),
         prefix=queue.redis_prefix,
@@ -69,6 +72,7 @@ def admission_store(settings: Settings) -> AdmissionStore:
         url=stream_url(settings.server.public_url),
         tier_pools=settings.pools.tiers,
         overflow=settings.pools.overflow,
+        lease_client=aioredis.Redis(connection_pool=lease_pool),
     )
 
 
@@ -208,8 +212,9 @@ class Node:
             await asyncio.to_thread(self._engine.stop)
         store = self.admission.store
         if isinstance(store, RedisAdmissionStore):
-            await store.client.aclose()
-            await store.client.connection_pool.disconnect()
+            for client in (store.client, store.lease_client):
+                await client.aclose()
+                await client.connection_pool.disconnect()
 
     async def _calibrate_slots(self, avatar_id: str) -> None:
         """``engine.slots = 0``: admit as many sessions as the measured render rate keeps at

@@ -59,7 +59,7 @@ def run_server(tmp: Path, *, port: int | None = None, **env: str) -> Iterator[Ru
         "MTS_ENGINE__KIND": "lite",
         "MTS_QUEUE__HEARTBEAT_S": "1.0",
         "MTS_QUEUE__COALESCE_S": "0.05",
-        "MTS_CLUSTER__DRAIN_TIMEOUT_S": "5",
+        "MTS_CLUSTER__DRAIN_TIMEOUT_S": "2",
         **env,
     }
     with log_path.open("wb") as log:
@@ -91,6 +91,7 @@ def run_server(tmp: Path, *, port: int | None = None, **env: str) -> Iterator[Ru
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(10)
 
 
 def mint(sub: str, tier: str, secret: str = TEST_SECRET, **claims: Any) -> str:

@@ -20,9 +20,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError, ResponseError
 
 from stream_server.admission import redis_scripts as lua
 from stream_server.admission.eta import OfferedWork, ServiceTimes
@@ -84,8 +82,12 @@ class RedisAdmissionStore(AdmissionStore):
         url: str = "",
         tier_pools: dict[str, list[str]] | None = None,
         overflow: dict[str, list[str]] | None = None,
+        lease_client: aioredis.Redis | None = None,
     ) -> None:
         self.client = client
+        self.lease_client = lease_client or client
+        """Renews the lease and hears the line's changes: its own connections, so that a node busy
+        with a thousand joins still renews its lease in time."""
         self.prefix = prefix
         self.node_id = node_id
         self.tiers = tiers
@@ -98,18 +100,20 @@ class RedisAdmissionStore(AdmissionStore):
         self._overflow = json.dumps(overflow or {})
         self._scripts: dict[str, AsyncScript] = {}
 
-    async def _run(self, name: str, *args: str | int) -> Any:
-        script = self._scripts.get(name)
+    async def _run(self, name: str, *args: str | int, lease: bool = False) -> Any:
+        key = f"{name}:lease" if lease else name
+        script = self._scripts.get(key)
         if script is None:
-            script = self._scripts[name] = self.client.register_script(getattr(lua, name))
+            client = self.lease_client if lease else self.client
+            script = self._scripts[key] = client.register_script(getattr(lua, name))
         try:
             return await cast(Awaitable[Any], script(args=[self.prefix, *args]))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
-        except RedisError as exc:
+        except ResponseError as exc:
             if "already active" in str(exc):
                 raise ValueError(str(exc)) from None
             raise
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
 
     def _busy(self, entries: list[Any], now: float) -> list[tuple[str, float]]:
         out = []
@@ -130,7 +134,9 @@ class RedisAdmissionStore(AdmissionStore):
     async def heartbeat(self, now: float, lease_s: float) -> bool:
         """Renew this node's lease (and its slots, pool and URL); True if it was not registered
         (its first heartbeat, a Redis that restarted empty, or a lease that had run out)."""
-        new = await self._run("HEARTBEAT", self.node_id, repr(now + lease_s), self.slots_total, self.pool, self.url)
+        new = await self._run(
+            "HEARTBEAT", self.node_id, repr(now + lease_s), self.slots_total, self.pool, self.url, lease=True
+        )
         return bool(new)
 
     async def drain(self) -> None:

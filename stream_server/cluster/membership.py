@@ -60,7 +60,7 @@ class Membership:
         """Subscribe to the line's changes; resubscribe after a lost connection."""
         channel = self.store.prefix + "changed"
         while True:
-            pubsub = self.store.client.pubsub()
+            pubsub = self.store.lease_client.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 self.on_change()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
 from stream_server.upload_budget import UploadBudget
 
+log = logging.getLogger(__name__)
 STORE_RETRY_S = 2.0
 """retry_after_s suggested while the shared queue store is unreachable."""
 
@@ -438,11 +440,15 @@ class Session:
         if self.handoff is not None:
             await self.services.dispatcher.release(self.handoff.ticket.id, served=False)
             self.handoff = None
-        if self.state is SocketState.QUEUED and request is not None:
-            await self.services.admission.detach(request.ticket_id, self.services.admission.clock())
-            request.status = RequestStatus.DETACHED
-        elif request is not None:
-            await self._drop_request(request)
+        try:
+            if self.state is SocketState.QUEUED and request is not None:
+                await self.services.admission.detach(request.ticket_id, self.services.admission.clock())
+                request.status = RequestStatus.DETACHED
+            elif request is not None:
+                await self._drop_request(request)
+        except StoreUnavailable as exc:
+            # The ticket stays in the shared line without an owner here: granted, it is released.
+            log.warning("session %s closed while the queue store was unreachable: %s", self.id, exc)
         if self.machine.allows(Event.CLOSE):
             self.machine.apply(Event.CLOSE)
         self.outbox.close()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from stream_server.client import Display, fetch_clip
+from stream_server.client import Display, Standing, fetch_clip
 from tests.cluster.cluster_harness import Cluster, run_cluster, slots
 from tests.server_harness import Client, decode_mp4, mint, tone_wav
 
@@ -113,10 +113,12 @@ async def test_a_redirect_streams_end_to_end_through_nginx_and_an_unused_grant_r
         # the command-line client follows its redirect: same request, same audio, on node 1
         audio = tone_wav(2.0)
         out = io.StringIO()
-        media, done = await fetch_clip(cluster.ws(0), "astronaut", audio, "wav", mint("cli", "normal"), Display(out))
-        assert "moving there" in out.getvalue()
+        media, done = await fetch_clip(
+            cluster.ws(0), "astronaut", audio, "wav", mint("cli", "normal"), Display(out), Standing()
+        )
+        assert f"moving to {cluster.ws(1)}" in out.getvalue()
         frames, video_s, audio_s = decode_mp4(media)
-        assert len(frames) == done["frames"] == 50 and abs(audio_s - 2.0) < 0.1
+        assert len(frames) == done.frames == 50 and abs(audio_s - 2.0) < 0.1
         assert frames[0].shape[2] == 3
         # node 1's slot was free for it only once the ignored grant had expired (ttl 2 s)
         waited = float(out.getvalue().split("granted after ")[1].split(" s")[0])
