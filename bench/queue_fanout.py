@@ -13,7 +13,7 @@ then includes its upload, which the server keeps as received (on disk beyond
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
     python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
-    python -m bench.queue_fanout --clients 1000 --rounds 20 --nodes 3   # needs Redis on 127.0.0.1:6379
+    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3 --join-batch 50   # Redis on 127.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Waiter(asyncio.Protocol):
         self.changed_at = 0.0
         self.granted_at: float | None = None
         self.redirect: tuple[str, str] | None = None
+        self.error: dict[str, object] | None = None
         self.changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,6 +80,8 @@ class Waiter(asyncio.Protocol):
             self.position = int(msg["position"])  # type: ignore[call-overload]
             self.changed_at = now
             self.changed.set()
+        elif msg["type"] == "error":
+            self.error = msg
         elif msg["type"] in ("granted", "redirect"):
             self.granted_at = now
             self.position = 0
@@ -159,7 +162,9 @@ def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]
                     client.delete(*keys)
 
 
-async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int) -> dict[str, object]:
+async def run(
+    clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int, join_batch: int
+) -> dict[str, object]:
     upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), clients, nodes) as running:
         procs = [psutil.Process(s.process.pid) for s in running]
@@ -180,7 +185,13 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes
             waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}", upload)
             subs[id(waiter)] = f"user-{i}"
             waiters.append(waiter)
+            if join_batch and len(waiters) % join_batch == 0:
+                while any(w.position is None and w.error is None for w in waiters):
+                    await asyncio.sleep(0.05)
         while any(w.position is None for w in waiters):
+            failed = [w.error for w in waiters if w.error is not None]
+            if failed:
+                raise RuntimeError(f"{len(failed)} clients were refused, e.g. {failed[0]}")
             await asyncio.sleep(0.1)
         if upload is not None:
             while sum(metric(s, "mts_queued_audio_bytes") for s in running) < clients * len(upload):
@@ -246,8 +257,10 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=15.0,
                         help="measure memory again this much later (allocators give freed memory back with a delay)")
     parser.add_argument("--nodes", type=int, default=1, help="server processes sharing the line in Redis")
+    parser.add_argument("--join-batch", type=int, default=0,
+                        help="clients join in batches of this many, each once the last is in line (0: all at once)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes, args.join_batch))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

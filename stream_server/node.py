@@ -52,9 +52,10 @@ def admission_store(settings: Settings) -> AdmissionStore:
         return MemoryAdmissionStore(list(queue.tiers), settings.engine.slots)
     import redis.asyncio as aioredis
 
-    # A thousand sockets may join at once: they wait for one of the pool's connections.
+    # A thousand sockets may join at once: they wait for one of the pool's connections (as long
+    # as a step may take on a loaded node), not fail.
     pool = aioredis.BlockingConnectionPool.from_url(
-        queue.redis_url, max_connections=queue.redis_max_connections, timeout=5, socket_timeout=5,
+        queue.redis_url, max_connections=queue.redis_max_connections, timeout=30, socket_timeout=5,
         socket_connect_timeout=5,
     )
     lease_pool = aioredis.BlockingConnectionPool.from_url(

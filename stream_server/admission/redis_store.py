@@ -13,6 +13,7 @@ A lost connection raises ``StoreUnavailable`` with the cause.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import Awaitable
@@ -32,7 +33,12 @@ SERVICE_ALPHA = 0.2
 
 
 def decode_ticket(member: str | bytes) -> Ticket:
-    text = member.decode() if isinstance(member, bytes) else member
+    return _decode(member.decode() if isinstance(member, bytes) else member)
+
+
+@functools.lru_cache(maxsize=16384)
+def _decode(text: str) -> Ticket:
+    """A member never changes while its ticket lives: a line read decodes only the new ones."""
     ticket_id, identity, tier, joined_at, key, avatar, node, resume_key, request = json.loads(text[15:])
     return Ticket(
         id=ticket_id,
