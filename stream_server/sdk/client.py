@@ -190,13 +190,14 @@ class Connection:
             if self.request is not None:
                 self.request._fail(f"could not follow the redirect to {redirect.url}: {exc}")
             return
-        old, self._ws, previous, self.welcome = self._ws, ws, self.welcome, welcome
+        old, self._ws, self.welcome = self._ws, ws, welcome
         if old is not None:
             await old.close()
         request = self.request
-        if request is not None and previous is not None and welcome.session != previous.session:
+        if request is not None and redirect.grant.startswith(CLUSTER_GRANT):
             # A cluster's grant opens a new session on the slot's node: the request (and a clip's
-            # audio) goes there again, and streams at once (docs/protocol.md, Redirect).
+            # audio) goes there again, and streams at once (docs/protocol.md, Redirect). Any other
+            # grant resumes the request where it waits.
             for message in request._opening:
                 await self._send(message)
 
@@ -263,6 +264,8 @@ class Connection:
 
 
 _END = object()
+CLUSTER_GRANT = "grant."
+"""How the grants of nodes sharing a line begin (stream_server/cluster/grants.py)."""
 
 
 class Request:
