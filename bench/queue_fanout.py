@@ -1,34 +1,42 @@
-"""Queue fan-out: N clients wait in line on one server process; how fast does a grant reach them all?
+"""Queue fan-out: N clients wait in line; how fast does a grant reach them all?
 
-One slot, held by a live session. N clients join (clip mode, each with its own token). Each round
-cancels the session holding the slot: the next client is granted and every other client must hear
-its new position. Reported: the time from the cancel to each client's new position (p50, p99, max
-over all clients and rounds), the server's memory per waiting client (RSS growth / N), and the
-server's event-loop lag while it happens. With ``--upload-s S`` each waiting client first sends an
-S-second WAV clip and ``audio_end``: the memory per waiting client then includes its upload, which
-the server keeps as received (on disk beyond ``limits.audio_spool_bytes``) until the grant.
+One server process, or ``--nodes`` processes sharing the line in Redis (one slot each, the clients
+spread over them; a grant of another node's slot is a redirect, which the client follows as it
+must, becoming the new holder). Each slot is held by a session. N clients join (clip mode, each
+with its own token). Each round cancels a session holding a slot: the next client is granted and
+every other client must hear its new position. Reported: the time from the cancel to each client's
+new position (p50, p99, max over all clients and rounds), the servers' memory per waiting client
+(RSS growth / N), and the largest event-loop lag while it happens. With ``--upload-s S`` each
+waiting client first sends an S-second WAV clip and ``audio_end``: the memory per waiting client
+then includes its upload, which the server keeps as received (on disk beyond
+``limits.audio_spool_bytes``) until the grant.
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
     python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
+    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3 --join-batch 50   # Redis on 127.0.0.1:6379
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import secrets
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import redis
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from bench.common import lag_buckets, lag_p99_between, metric, percentile
-from tests.server_harness import RunningServer, mint, run_server, tone_wav
+from tests.server_harness import RunningServer, free_port, mint, run_server, tone_wav
 
 
 class Waiter(asyncio.Protocol):
@@ -43,6 +51,8 @@ class Waiter(asyncio.Protocol):
         self.position: int | None = None
         self.changed_at = 0.0
         self.granted_at: float | None = None
+        self.redirect: tuple[str, str] | None = None
+        self.error: dict[str, object] | None = None
         self.changed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,9 +80,13 @@ class Waiter(asyncio.Protocol):
             self.position = int(msg["position"])  # type: ignore[call-overload]
             self.changed_at = now
             self.changed.set()
-        elif msg["type"] == "granted":
+        elif msg["type"] == "error":
+            self.error = msg
+        elif msg["type"] in ("granted", "redirect"):
             self.granted_at = now
             self.position = 0
+            if msg["type"] == "redirect":
+                self.redirect = (str(msg["url"]), str(msg["grant"]))
             self.changed.set()
 
     def send(self, message: dict[str, object]) -> None:
@@ -90,49 +104,108 @@ class Waiter(asyncio.Protocol):
             self.transport.close()
 
 
-async def open_waiter(server: RunningServer, sub: str, upload: bytes | None = None) -> Waiter:
-    hello = {"type": "hello", "token": mint(sub, "normal")}
-    start = {"type": "start", "avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
-    host, port = server.url.removeprefix("http://").split(":")
+START = {"type": "start", "avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
+
+
+async def open_waiter(ws_url: str, sub: str, upload: bytes | None = None, resume: str | None = None) -> Waiter:
+    hello: dict[str, object] = {"type": "hello", "token": mint(sub, "normal")}
+    if resume:
+        hello["resume"] = resume
+    host, port = ws_url.removeprefix("ws://").split("/")[0].split(":")
     _, waiter = await asyncio.get_running_loop().create_connection(
-        lambda: Waiter(server.ws_url, hello, start, upload), host, int(port)
+        lambda: Waiter(ws_url, hello, START, upload), host, int(port)
     )
     return waiter
 
 
-async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> dict[str, object]:
+async def take_up(waiter: Waiter, sub: str, upload: bytes | None) -> Waiter:
+    """The waiter just granted, as the session holding the slot: itself, or (redirected) a socket
+    to the slot's node with the grant, sending its start (and upload) there again."""
+    if waiter.redirect is None:
+        return waiter
+    url, grant = waiter.redirect
+    moved = await open_waiter(url, sub, upload, resume=grant)
+    await asyncio.wait_for(moved.changed.wait(), 30)
+    waiter.close()
+    return moved
+
+
+@contextlib.contextmanager
+def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]]:
+    env = {
+        "MTS_ENGINE__SLOTS": "1",
+        "MTS_QUEUE__GLOBAL_CAP": str(clients + 10),
+        "MTS_QUEUE__TIERS__NORMAL__CAP": str(clients + 10),
+        "MTS_QUEUE__COALESCE_S": "0.25",
+        "MTS_QUEUE__HEARTBEAT_S": "5",
+    }
+    prefix = f"mts-bench-{secrets.token_hex(4)}:"
+    with contextlib.ExitStack() as stack:
+        running = []
+        for n in range(nodes):
+            port = free_port()
+            cluster = {} if nodes == 1 else {
+                "MTS_QUEUE__STORE": "redis",
+                "MTS_QUEUE__REDIS_PREFIX": prefix,
+                "MTS_CLUSTER__NODE_ID": f"node-{n}",
+                "MTS_SERVER__PUBLIC_URL": f"http://127.0.0.1:{port}",
+            }
+            (tmp / f"node-{n}").mkdir()
+            running.append(stack.enter_context(run_server(tmp / f"node-{n}", port=port, **env, **cluster)))
+        try:
+            yield running
+        finally:
+            if nodes > 1:
+                client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+                keys = list(client.scan_iter(match=prefix + "*", count=1000))
+                if keys:
+                    client.delete(*keys)
+
+
+async def run(
+    clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int, join_batch: int
+) -> dict[str, object]:
     upload = tone_wav(upload_s) if upload_s > 0 else None
-    with tempfile.TemporaryDirectory() as tmp, run_server(
-        Path(tmp),
-        MTS_ENGINE__SLOTS="1",
-        MTS_QUEUE__GLOBAL_CAP=str(clients + 10),
-        MTS_QUEUE__TIERS__NORMAL__CAP=str(clients + 10),
-        MTS_QUEUE__COALESCE_S="0.25",
-        MTS_QUEUE__HEARTBEAT_S="5",
-    ) as server:
-        proc = psutil.Process(server.process.pid)
-        holder = await open_waiter(server, "holder")
-        await asyncio.wait_for(holder.changed.wait(), 30)
+    with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), clients, nodes) as running:
+        procs = [psutil.Process(s.process.pid) for s in running]
+
+        def rss() -> int:
+            return sum(p.memory_info().rss for p in procs)
+
+        holders = []
+        for n, server in enumerate(running):
+            holder = await open_waiter(server.ws_url, f"holder-{n}")
+            await asyncio.wait_for(holder.changed.wait(), 30)
+            holders.append(holder)
         await asyncio.sleep(1.0)
-        rss_before = proc.memory_info().rss
+        rss_before = rss()
         waiters: list[Waiter] = []
+        subs: dict[int, str] = {}
         for i in range(clients):
-            waiters.append(await open_waiter(server, f"user-{i}", upload))
+            waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}", upload)
+            subs[id(waiter)] = f"user-{i}"
+            waiters.append(waiter)
+            if join_batch and len(waiters) % join_batch == 0:
+                while any(w.position is None and w.error is None for w in waiters):
+                    await asyncio.sleep(0.05)
         while any(w.position is None for w in waiters):
+            failed = [w.error for w in waiters if w.error is not None]
+            if failed:
+                raise RuntimeError(f"{len(failed)} clients were refused, e.g. {failed[0]}")
             await asyncio.sleep(0.1)
         if upload is not None:
-            while metric(server, "mts_queued_audio_bytes") < clients * len(upload):
+            while sum(metric(s, "mts_queued_audio_bytes") for s in running) < clients * len(upload):
                 await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
-        rss_after = proc.memory_info().rss
+        rss_after = rss()
         await asyncio.sleep(settle_s)
-        rss_settled = proc.memory_info().rss
-        lag_joining = metric(server, "mts_event_loop_lag_p99_seconds")
-        buckets_before = lag_buckets(server)
+        rss_settled = rss()
+        lag_joining = max(metric(s, "mts_event_loop_lag_p99_seconds") for s in running)
+        buckets_before = [lag_buckets(s) for s in running]
 
         latencies: list[float] = []
         round_max: list[float] = []
-        current = holder
+        redirects = 0
         for _ in range(min(rounds, clients - 1)):
             await asyncio.sleep(0.3)
             waiting = [w for w in waiters if w.position and w.position > 0]
@@ -140,7 +213,7 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> di
             for w in waiting:
                 w.changed.clear()
             t0 = time.perf_counter()
-            current.send({"type": "cancel"})
+            holders.pop(0).send({"type": "cancel"})
             try:
                 await asyncio.wait_for(asyncio.gather(*(w.changed.wait() for w in waiting)), 30)
             except TimeoutError:
@@ -151,9 +224,14 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> di
             assert all(w.position == before[id(w)] - 1 for w in waiting)
             latencies.extend(got)
             round_max.append(max(got))
-            current = next(w for w in waiting if w.position == 0)
+            granted = next(w for w in waiting if w.position == 0)
+            redirects += granted.redirect is not None
+            holders.append(await take_up(granted, subs[id(granted)], upload))
+        lag_rounds = max(lag_p99_between(b, lag_buckets(s)) for b, s in zip(buckets_before, running, strict=True))
         result = {
             "clients": clients,
+            "nodes": nodes,
+            "grants_that_were_redirects": redirects,
             "rounds": len(round_max),
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
@@ -164,9 +242,9 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float) -> di
             "settle_s": 1.0 + settle_s,
             "round_max_ms": [round(1000 * m, 1) for m in round_max],
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
-            "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_p99_between(buckets_before, lag_buckets(server)),
+            "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_rounds,
         }
-        for w in [holder, *waiters]:
+        for w in [*holders, *waiters]:
             w.close()
         return result
 
@@ -178,8 +256,11 @@ def main() -> None:
     parser.add_argument("--upload-s", type=float, default=0.0, help="each waiting client sends a clip this long")
     parser.add_argument("--settle-s", type=float, default=15.0,
                         help="measure memory again this much later (allocators give freed memory back with a delay)")
+    parser.add_argument("--nodes", type=int, default=1, help="server processes sharing the line in Redis")
+    parser.add_argument("--join-batch", type=int, default=0,
+                        help="clients join in batches of this many, each once the last is in line (0: all at once)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes, args.join_batch))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

@@ -20,14 +20,16 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from stream_server.app import create_app
+    from stream_server.drain import DrainingServer
     from stream_server.header_deadline import with_header_timeout
 
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
     sys.setswitchinterval(0.001)
     host = args.host or settings.server.host
     port = args.port or settings.server.port
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=host,
         port=port,
         http=with_header_timeout(settings.server.header_timeout_s),
@@ -38,6 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         ws_ping_timeout=settings.server.ws_ping_timeout_s,
         log_level="info",
     )
+    DrainingServer(config, app, settings.cluster.drain_timeout_s).run()
     return 0
 
 

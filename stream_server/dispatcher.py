@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from stream_server.admission.admission import Admission
+from stream_server.admission.admission import Admission, QueueView
 from stream_server.admission.owner import TicketOwner
+from stream_server.admission.store import Grant, StoreUnavailable
+from stream_server.cluster.grants import GrantClaim, GrantTokens
 from stream_server.metrics import Metrics
 from stream_server.settings import TIER_NAMES
 
@@ -27,9 +29,22 @@ OwnerT = TypeVar("OwnerT", bound=TicketOwner)
 
 class Dispatcher(Generic[OwnerT]):
     def __init__(
-        self, admission: Admission[OwnerT], metrics: Metrics, heartbeat_s: float, render_fps: Callable[[], float]
+        self,
+        admission: Admission[OwnerT],
+        metrics: Metrics,
+        heartbeat_s: float,
+        render_fps: Callable[[], float],
+        grant_tokens: GrantTokens | None = None,
+        grant_ttl_s: float = 10.0,
     ) -> None:
         self.admission = admission
+        self.grant_tokens = grant_tokens
+        """Signs the grants that send a client to another node (a shared store)."""
+        self.grant_ttl_s = grant_ttl_s
+        self._unreleased: dict[str, bool] = {}
+        """Slots whose release the shared store did not take (ticket id -> served)."""
+        self.granting = True
+        """False while the node drains: it reserves no new slot of its own."""
         self.metrics = metrics
         self.heartbeat_s = heartbeat_s
         self.render_fps = render_fps
@@ -41,10 +56,22 @@ class Dispatcher(Generic[OwnerT]):
         self._changed.set()
 
     async def release(self, ticket_id: str, *, served: bool, mode: str = "clip", held_s: float = 0.0) -> None:
-        """A granted request ended: free its slot (idempotent)."""
-        if await self.admission.release(ticket_id, time.monotonic(), served=served) is not None and served:
+        """A granted request ended: free its slot (idempotent). A shared store that cannot be
+        reached frees it on a later round."""
+        try:
+            released = await self.admission.release(ticket_id, self.admission.clock(), served=served)
+        except StoreUnavailable as exc:
+            log.warning("slot of %s not released yet (%s): retried every round", ticket_id, exc)
+            self._unreleased[ticket_id] = served
+            released = None
+        if released is not None and served:
             self.metrics.service.labels(mode).observe(held_s)
         self.metrics.sessions_active.set(self.admission.serving_count)
+
+    async def _retry_releases(self) -> None:
+        for ticket_id, served in list(self._unreleased.items()):
+            await self.admission.release(ticket_id, self.admission.clock(), served=served)
+            del self._unreleased[ticket_id]
 
     async def run(self) -> None:
         tick = self.heartbeat_s / HEARTBEAT_PHASES
@@ -55,6 +82,7 @@ class Dispatcher(Generic[OwnerT]):
                 await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
             self._changed.clear()
             try:
+                await self._retry_releases()
                 await self._grant_all()
                 heartbeat = None
                 if time.monotonic() >= next_tick:
@@ -67,17 +95,50 @@ class Dispatcher(Generic[OwnerT]):
                 await asyncio.sleep(0.1)
 
     async def _grant_all(self) -> None:
-        while (grant := await self.admission.grant(time.monotonic())) is not None:
-            ticket = grant.ticket
-            self.metrics.grants.labels(ticket.tier).inc()
-            self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
-            owner = self.admission.owner(ticket.id)
-            if owner is None or not owner.granted(grant):
-                await self.release(ticket.id, served=False)
-        self.metrics.sessions_active.set(self.admission.serving_count)
+        admission = self.admission
+        for delivered in await admission.delivered():
+            await self._hand_over(delivered)
+        while self.granting and (grant := await admission.grant(admission.clock())) is not None:
+            if grant.owner_node == admission.node_id:
+                await self._hand_over(grant)
+            # else: the store put it in the inbox of the node that holds the ticket's client
+        self.metrics.sessions_active.set(admission.serving_count)
+
+    async def _hand_over(self, grant: Grant) -> None:
+        """Give a grant for one of this node's tickets to its owner: to start here, or with a
+        signed token for the node whose slot it is."""
+        ticket = grant.ticket
+        self.metrics.grants.labels(ticket.tier).inc()
+        self.metrics.queue_wait.labels(ticket.tier).observe(grant.waited_s)
+        owner = self.admission.owner(ticket.id)
+        if grant.remote:
+            if owner is not None and self.grant_tokens is not None:
+                claim = GrantClaim(grant.handoff, grant.node, grant.granted_at + self.grant_ttl_s)
+                if owner.redirected(grant, grant.node_url, self.grant_tokens.sign(claim)):
+                    self.admission.handed_off(ticket.id)
+                    return
+            await self.release(ticket.id, served=False)
+        elif owner is None or not owner.granted(grant):
+            await self.release(ticket.id, served=False)
+
+    def _pool_metrics(self, view: QueueView) -> None:
+        pools = self.admission.policy.pools
+        waiting = dict.fromkeys(view.pools, 0)
+        last_eta = dict.fromkeys(view.pools, 0.0)
+        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
+            for pool in pools.primary(ticket.tier) or list(view.pools):
+                waiting[pool] = waiting.get(pool, 0) + 1
+                last_eta[pool] = max(last_eta.get(pool, 0.0), eta or 0.0)
+        m = self.metrics
+        for pool, n in waiting.items():
+            total, busy = view.pools.get(pool, (0, 0))
+            m.pool_waiting.labels(pool).set(n)
+            m.pool_wait_estimate.labels(pool).set(last_eta[pool])
+            m.pool_slots.labels(pool).set(total)
+            m.pool_slots_busy.labels(pool).set(busy)
 
     async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
-        view = await self.admission.view(time.monotonic())
+        view = await self.admission.view(self.admission.clock())
         size = len(view.waiting)
         counts = dict.fromkeys(TIER_NAMES, 0)
         owner_of = self.admission.owner
@@ -88,5 +149,7 @@ class Dispatcher(Generic[OwnerT]):
                 owner.queued(position, size, eta, force=position % HEARTBEAT_PHASES == heartbeat_phase)
         for tier, n in counts.items():
             self.metrics.queue_waiting.labels(tier).set(n)
+        if view.pools:
+            self._pool_metrics(view)
         self.metrics.slots_busy.set(view.slots_busy)
         self.metrics.render_fps.set(self.render_fps())

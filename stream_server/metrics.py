@@ -69,6 +69,17 @@ class Metrics:
             "mts_pregen_yields_total", "Background pre-generations stopped for a user", registry=r
         )
         self.pregen_active = Gauge("mts_pregen_active", "1 while a background pre-generation renders", registry=r)
+        # The shared line, per pool (queue.store = "redis"): every node exports the same values,
+        # for autoscaling (KEDA's Prometheus scaler: max over the pods).
+        self.pool_waiting = Gauge(
+            "mts_pool_waiting", "Tickets waiting for a pool's slots (their tier is mapped to it)", ["pool"], registry=r
+        )
+        self.pool_wait_estimate = Gauge(
+            "mts_pool_estimated_wait_seconds", "Estimated wait of the last ticket waiting for a pool", ["pool"],
+            registry=r,
+        )
+        self.pool_slots = Gauge("mts_pool_slots", "Slots of the live nodes of a pool", ["pool"], registry=r)
+        self.pool_slots_busy = Gauge("mts_pool_slots_busy", "Busy slots of a pool", ["pool"], registry=r)
         self.position_pushes = Counter("mts_position_pushes_total", "queued messages sent", registry=r)
         self.queued_audio_bytes = Gauge(
             "mts_queued_audio_bytes", "Audio bytes kept for requests waiting for a slot (memory and disk)", registry=r

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -15,8 +17,12 @@ from inference.pool import EngineConfig, EnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.memory import MemoryAdmissionStore
 from stream_server.admission.policy import AdmissionPolicy
+from stream_server.admission.redis_store import RedisAdmissionStore
+from stream_server.admission.store import AdmissionStore
 from stream_server.auth import Authenticator
 from stream_server.clips import ClipStore
+from stream_server.cluster.grants import GrantTokens
+from stream_server.cluster.membership import Membership
 from stream_server.dispatcher import Dispatcher
 from stream_server.loop_lag import LoopLagMonitor
 from stream_server.metrics import Metrics
@@ -32,6 +38,47 @@ from stream_server.upload_budget import UploadBudget
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def stream_url(public_url: str) -> str:
+    """The session socket's URL under a node's public URL (http -> ws, https -> wss)."""
+    base = public_url.rstrip("/")
+    for http, ws in (("https://", "wss://"), ("http://", "ws://")):
+        if base.startswith(http):
+            base = ws + base[len(http) :]
+    return base if base.endswith("/v1/stream") else base + "/v1/stream"
+
+
+def admission_store(settings: Settings) -> AdmissionStore:
+    """``queue.store``: this process's own line, or the line in Redis shared by every node."""
+    queue, cluster = settings.queue, settings.cluster
+    if queue.store == "memory":
+        return MemoryAdmissionStore(list(queue.tiers), settings.engine.slots)
+    import redis.asyncio as aioredis
+
+    # A thousand sockets may join at once: they wait for one of the pool's connections (as long
+    # as a step may take on a loaded node), not fail.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        queue.redis_url, max_connections=queue.redis_max_connections, timeout=30, socket_timeout=5,
+        socket_connect_timeout=5,
+    )
+    lease_pool = aioredis.BlockingConnectionPool.from_url(
+        queue.redis_url, max_connections=2, timeout=5, socket_timeout=5, socket_connect_timeout=5
+    )
+    return RedisAdmissionStore(
+        aioredis.Redis(connection_pool=pool),
+        prefix=queue.redis_prefix,
+        node_id=cluster.node_id or f"{socket.gethostname()}-{os.getpid()}",
+        tiers=list(queue.tiers),
+        slots=settings.engine.slots,
+        resume_grace_s=queue.resume_grace_s,
+        grant_ttl_s=cluster.grant_ttl_s,
+        pool=cluster.pool,
+        url=stream_url(settings.server.public_url),
+        tier_pools=settings.pools.tiers,
+        overflow=settings.pools.overflow,
+        lease_client=aioredis.Redis(connection_pool=lease_pool),
+    )
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -78,12 +125,26 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.auth = Authenticator(settings.auth, settings.server.data_dir / "hs256.secret")
+        store = admission_store(settings)
+        # A shared line compares times taken on different machines: the wall clock.
+        clock = time.time if isinstance(store, RedisAdmissionStore) else time.monotonic
         self.admission: Admission[RequestOwner] = Admission(
-            AdmissionPolicy(settings.queue), MemoryAdmissionStore(list(settings.queue.tiers), settings.engine.slots)
+            AdmissionPolicy(settings.queue, settings.pools), store, clock
         )
         self.dispatcher = Dispatcher(
-            self.admission, self.metrics, settings.queue.heartbeat_s, lambda: self.engine.frames_per_second()
+            self.admission,
+            self.metrics,
+            settings.queue.heartbeat_s,
+            lambda: self.engine.frames_per_second(),
+            grant_tokens=GrantTokens(self.auth.secret) if isinstance(store, RedisAdmissionStore) else None,
+            grant_ttl_s=settings.cluster.grant_ttl_s,
         )
+        self.membership = (
+            Membership(store, settings.cluster.lease_s, clock, self.dispatcher.changed, self._line_lost)
+            if isinstance(store, RedisAdmissionStore)
+            else None
+        )
+        self.draining = False
         self._engine = engine
         self.clips = clip_store(settings)
         self.templates = TemplateLibrary.load(Path(settings.templates.file) if settings.templates.file else None)
@@ -123,6 +184,8 @@ class Node:
                 self.settings, engine, self.clips, self.templates, self.admission, serving, self.metrics,
                 self.upload_budget,
             )
+        if self.membership is not None:
+            await self.membership.register()
         self._services = SessionServices(
             settings=self.settings,
             auth=self.auth,
@@ -146,7 +209,39 @@ class Node:
         ]
         if pregen is not None:
             self._tasks.append(asyncio.create_task(pregen.run(), name="pregen"))
+        if self.membership is not None:
+            self._tasks += [
+                asyncio.create_task(self.membership.run_heartbeat(), name="lease"),
+                asyncio.create_task(self.membership.run_changes(), name="line-changes"),
+            ]
         self.ready = True
+
+    async def _line_lost(self) -> None:
+        """The shared line was lost: the sessions streaming here keep their slots; the clients
+        waiting here lost their places and hear so (they may start again at once)."""
+        lost = await self.admission.recover(self.admission.clock())
+        for owner in lost:
+            owner.lost("the shared queue restarted and lost this request's place: send start again")
+        log.warning("the shared line was lost: %d waiting request(s) told to start again", len(lost))
+
+    async def drain(self) -> None:
+        """SIGTERM: not ready any more (the load balancer stops sending clients), no new slot
+        reserved here; the sessions streaming here finish (``wait_drained``)."""
+        self.ready = False
+        self.draining = True
+        self.dispatcher.granting = False
+        store = self.admission.store
+        if isinstance(store, RedisAdmissionStore):
+            await store.drain()
+
+    async def wait_drained(self, timeout_s: float) -> bool:
+        """Wait until no session streams here, at most ``timeout_s``; False if some still do."""
+        deadline = time.monotonic() + timeout_s
+        while self.admission.serving_count > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
 
     async def stop(self) -> None:
         self.ready = False
@@ -159,6 +254,11 @@ class Node:
             await asyncio.to_thread(self.preparer.shutdown)
         if self._engine is not None:
             await asyncio.to_thread(self._engine.stop)
+        store = self.admission.store
+        if isinstance(store, RedisAdmissionStore):
+            for client in (store.client, store.lease_client):
+                await client.aclose()
+                await client.connection_pool.disconnect()
 
     async def _calibrate_slots(self, avatar_id: str) -> None:
         """``engine.slots = 0``: admit as many sessions as the measured render rate keeps at
@@ -182,10 +282,13 @@ class Node:
     # ----- public summaries -----
 
     async def queue_summary(self) -> dict[str, object]:
-        view = await self.admission.view(time.monotonic())
+        view = await self.admission.view(self.admission.clock())
         tiers: dict[str, dict[str, object]] = {}
         for tier in TIER_NAMES:
             etas = [e for t, e in zip(view.waiting, view.eta_s, strict=True) if t.tier == tier]
             last = etas[-1] if etas else None
             tiers[tier] = {"size": len(etas), "eta_s": None if last is None else round(last, 1)}
-        return {"tiers": tiers, "slots": {"total": view.slots_total, "busy": view.slots_busy}}
+        slots: dict[str, object] = {"total": view.slots_total, "busy": view.slots_busy}
+        if view.pools:
+            slots["pools"] = {name: {"total": n, "busy": busy} for name, (n, busy) in sorted(view.pools.items())}
+        return {"tiers": tiers, "slots": slots}

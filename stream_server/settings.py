@@ -62,6 +62,10 @@ def _default_tiers() -> dict[str, TierSettings]:
 
 
 class QueueSettings(BaseModel):
+    store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "mts:"
+    redis_max_connections: int = 64
     global_cap: int = 1000
     per_identity_cap: int = 1
     resume_grace_s: float = 30.0
@@ -74,6 +78,23 @@ class QueueSettings(BaseModel):
 
     def tier(self, name: str) -> TierSettings:
         return self.tiers[name]
+
+
+class ClusterSettings(BaseModel):
+    node_id: str = ""
+    pool: str = "default"
+    lease_s: float = 6.0
+    grant_ttl_s: float = 10.0
+    drain_timeout_s: float = 600.0
+
+
+class PoolSettings(BaseModel):
+    tiers: dict[str, list[str]] = Field(default_factory=dict)
+    overflow: dict[str, list[str]] = Field(default_factory=dict)
+
+    def primary(self, tier: str) -> list[str] | None:
+        """The pools whose slots ``tier`` is granted; ``None``: any pool."""
+        return self.tiers.get(tier)
 
 
 class LimitSettings(BaseModel):
@@ -148,6 +169,8 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    pools: PoolSettings = Field(default_factory=PoolSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     stream: StreamSettings = Field(default_factory=StreamSettings)
@@ -181,5 +204,14 @@ class Settings(BaseSettings):
             raise ValueError("avatars.device_cache must hold at least one avatar per worker")
         if self.queue.hot_boost_s < 0:
             raise ValueError("queue.hot_boost_s must not be negative")
+        if self.queue.store == "redis" and not self.server.public_url:
+            raise ValueError(
+                'queue.store = "redis" needs server.public_url: the URL other nodes redirect clients to'
+            )
+        unknown = [t for t in [*self.pools.tiers, *self.pools.overflow] if t not in self.queue.tiers]
+        if unknown:
+            raise ValueError(f"pools names unknown tiers: {', '.join(unknown)}")
+        if self.cluster.grant_ttl_s <= 0 or self.cluster.lease_s <= 0:
+            raise ValueError("cluster.lease_s and cluster.grant_ttl_s must be positive")
         if self.engine.slots < 0:
             raise ValueError("engine.slots must be 0 (measure) or more")

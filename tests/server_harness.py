@@ -47,8 +47,9 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, **env: str) -> Iterator[RunningServer]:
-    port = free_port()
+def run_server(tmp: Path, *, port: int | None = None, **env: str) -> Iterator[RunningServer]:
+    """The server on ``port`` (a free one by default), with ``env`` over the test defaults."""
+    port = port or free_port()
     data = tmp / "data"
     log_path = tmp / "server.log"
     environment = {
@@ -58,6 +59,7 @@ def run_server(tmp: Path, **env: str) -> Iterator[RunningServer]:
         "MTS_ENGINE__KIND": "lite",
         "MTS_QUEUE__HEARTBEAT_S": "1.0",
         "MTS_QUEUE__COALESCE_S": "0.05",
+        "MTS_CLUSTER__DRAIN_TIMEOUT_S": "2",
         **env,
     }
     with log_path.open("wb") as log:
@@ -89,6 +91,7 @@ def run_server(tmp: Path, **env: str) -> Iterator[RunningServer]:
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(10)
 
 
 def mint(sub: str, tier: str, secret: str = TEST_SECRET, **claims: Any) -> str:

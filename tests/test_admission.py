@@ -122,7 +122,7 @@ class AdmissionMachine(RuleBasedStateMachine):
             grace=grace,
             max_waits=max_waits,
         )
-        self.q = make_queue(self.cfg, slots)
+        self.q = self.make_queue(self.cfg, slots)
         self.slots = slots
         self.now = 1000.0
         self.recs: dict[str, Rec] = {}
@@ -132,6 +132,20 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.entered: list[str] = []  # tickets put into the line by the current step
         self.entered_by_join = False
         self.prev_order: list[str] = []
+
+    # ----- the store under test (tests/cluster/ runs the same machine on the Redis store) -----
+
+    def make_queue(self, cfg: QueueSettings, slots: int) -> Queue:
+        return make_queue(cfg, slots)
+
+    def run(self, coro):
+        return run(coro)
+
+    def identities(self) -> dict[str, int]:
+        return self.q.store.identities
+
+    def detached_count(self) -> int:
+        return self.q.store.detached_count
 
     # ----- model helpers -----
 
@@ -182,7 +196,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         else:
             expected = None
         try:
-            ticket = run(self.q.join(tid, identity, tier, "avatar", self.now))
+            ticket = self.run(self.q.join(tid, identity, tier, "avatar", self.now))
         except (QueueFull, IdentityBusy) as exc:
             assert expected is type(exc), f"join raised {exc!r}, the model expected {expected}"
             if isinstance(exc, QueueFull):
@@ -201,7 +215,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self._step()
         tid = self._pick(i)
         r = self.recs.get(tid)
-        got = run(self.q.leave(tid))
+        got = self.run(self.q.leave(tid))
         if r is not None and r.state == "waiting":
             assert got is not None and got.id == tid
             r.state = "done"
@@ -215,7 +229,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self._step()
         tid = self._pick(i)
         r = self.recs.get(tid)
-        got = run(self.q.detach(tid, self.now))
+        got = self.run(self.q.detach(tid, self.now))
         if r is not None and r.state == "waiting":
             assert got is not None and got.id == tid
             r.state, r.until = "detached", self.now + self.cfg.resume_grace_s
@@ -228,7 +242,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self._expire()
         tid = self._pick(i)
         r = self.recs.get(tid)
-        got = run(self.q.reattach(tid, r.identity if r is not None else "a", self.now))
+        got = self.run(self.q.reattach(tid, r.identity if r is not None else "a", self.now))
         if r is not None and r.state == "detached":
             assert got is not None and got.id == tid and got.joined_at == r.joined_at
             r.state = "waiting"
@@ -240,9 +254,9 @@ class AdmissionMachine(RuleBasedStateMachine):
     def grant(self):
         self._step()
         self._expire()
-        before = waiting_ids(self.q, self.now)
+        before = [t.id for t in self.run(self.q.view(self.now)).waiting]
         busy = len(self._in("busy"))
-        g = run(self.q.grant(self.now))
+        g = self.run(self.q.grant(self.now))
         if busy >= self.slots or not before:
             assert g is None, "granted without a free slot or from an empty line"
             return
@@ -272,7 +286,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         busy = self._in("busy")
         tid = busy[i % len(busy)].id if busy and i % 3 else self._pick(i)
         r = self.recs.get(tid)
-        run(self.q.release(tid, self.now, served=served))
+        self.run(self.q.release(tid, self.now, served=served))
         if r is not None and r.state == "busy":
             r.state = "done"
             self.measured = self.measured or served
@@ -280,7 +294,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @rule(n=st.integers(0, 4))
     def set_slots(self, n):
         self._step()
-        run(self.q.set_slots(n))
+        self.run(self.q.set_slots(n))
         self.slots = max(1, n)
 
     # ----- invariants, after every step -----
@@ -288,7 +302,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @invariant()
     def line_matches_model(self):
         self._expire()
-        view = run(self.q.view(self.now))
+        view = self.run(self.q.view(self.now))
         order = [t.id for t in view.waiting]
         # (c) positions 1..n are distinct and follow the documented order
         assert len(set(order)) == len(order)
@@ -328,7 +342,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @invariant()
     def caps_hold(self):
         self._expire()
-        run(self.q.view(self.now))  # expires what the grace is over for
+        self.run(self.q.view(self.now))  # expires what the grace is over for
         # (e) rule 5 and rule 7, counting places held for a resume
         held = self._in("waiting", "detached")
         assert len(self._in("waiting")) <= len(held) <= self.cfg.global_cap
@@ -337,32 +351,32 @@ class AdmissionMachine(RuleBasedStateMachine):
         expected: dict[str, int] = {}
         for r in self._in("waiting", "busy"):
             expected[r.identity] = expected.get(r.identity, 0) + 1
-        assert self.q.store.identities == expected
+        assert self.identities() == expected
         assert all(n <= self.cfg.per_identity_cap for n in expected.values())
-        assert self.q.store.detached_count == len(self._in("detached"))
+        assert self.detached_count() == len(self._in("detached"))
 
     def teardown(self):
         if not hasattr(self, "q"):
             return
         # (c) grant everything: the order is exactly the last view's
-        last = waiting_ids(self.q, self.now)
-        run(self.q.set_slots(len(last) + len(self._in("busy")) + 1))
+        last = [t.id for t in self.run(self.q.view(self.now)).waiting]
+        self.run(self.q.set_slots(len(last) + len(self._in("busy")) + 1))
         granted = []
-        while (g := run(self.q.grant(self.now))) is not None:
+        while (g := self.run(self.q.grant(self.now))) is not None:
             granted.append(g.ticket.id)
         assert granted == last
         # (f) no leaks once everything is released and every resume grace is over
         for tid in [*granted, *(r.id for r in self._in("busy"))]:
-            run(self.q.release(tid, self.now + 1))
+            self.run(self.q.release(tid, self.now + 1))
         self.now += self.cfg.resume_grace_s + 1
-        view = run(self.q.view(self.now))
+        view = self.run(self.q.view(self.now))
         assert view.waiting == [] and view.slots_busy == 0 and view.busy == []
-        assert self.q.store.detached_count == 0
-        assert self.q.store.identities == {}
+        assert self.detached_count() == 0
+        assert self.identities() == {}
         # and every identity can take a ticket again
         for n, ident in enumerate("abcde"):
-            run(self.q.join(f"final{n}", ident, "vip", "avatar", self.now))
-            assert run(self.q.leave(f"final{n}")) is not None
+            self.run(self.q.join(f"final{n}", ident, "vip", "avatar", self.now))
+            assert self.run(self.q.leave(f"final{n}")) is not None
 
 
 AdmissionMachine.TestCase.settings = settings(

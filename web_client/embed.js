@@ -255,9 +255,10 @@ export class MuseTalkClient extends EventTarget {
     return this._connecting;
   }
 
-  /** A new socket whose first message is hello (with `fields`, e.g. resume). */
-  _open(fields, pending) {
-    const ws = (this.ws = new WebSocket(socketUrl(this.server)));
+  /** A new socket whose first message is hello (with `fields`, e.g. resume), to the server or
+   * to `url` (a redirect's node). */
+  _open(fields, pending, url) {
+    const ws = (this.ws = new WebSocket(url || socketUrl(this.server)));
     ws.binaryType = "arraybuffer";
     const id = this._nextId();
     this._pending.set(id, pending);
@@ -350,6 +351,13 @@ export class MuseTalkClient extends EventTarget {
       format = "wav";
     }
     const request = await this._start({ avatar, mode: "clip", transport, audio: { format } });
+    request.audio = bytes; // kept: a redirect (or a resume on another node) sends it again
+    this._sendClipAudio(request);
+    return request.finished;
+  }
+
+  _sendClipAudio(request) {
+    const bytes = request.audio;
     const chunk = Math.min(this.chunkBytes, this.welcome?.limits?.max_message_bytes || Infinity);
     for (let at = 0; at < bytes.byteLength; at += chunk) {
       if (this.request !== request || this.ws?.readyState !== WebSocket.OPEN) break;
@@ -359,7 +367,23 @@ export class MuseTalkClient extends EventTarget {
       this._send({ type: "audio_end", id: request.ids.audioEnd });
       request.audioSent = true;
     }
-    return request.finished;
+  }
+
+  /** The slot granted is on another node: move there with the grant, send the same start (and
+   * a clip's audio) again; the caller notices nothing but a short `redirecting` state. */
+  _followRedirect(request, msg) {
+    const old = this.ws;
+    this._setState("redirecting");
+    this.welcome = null;
+    this._open({ resume: msg.grant }, {
+      resolve: () => {
+        if (this.request !== request) return;
+        this._send({ ...request.startMessage, id: request.ids.start });
+        if (request.mode === "clip" && request.audio) this._sendClipAudio(request);
+      },
+      reject: (err) => this._finish(request, err),
+    }, msg.url);
+    old?.close(1000);
   }
 
   /** Say a template phrase (configs/templates.toml on the server) with `avatar`: a clip with no
@@ -439,9 +463,10 @@ export class MuseTalkClient extends EventTarget {
     request.reject = (err) => { ackReject(err); grantedReject(err); finishedReject(err); };
     request.ack = ackResolve;
     this.request = request;
-    this._send({
-      type: "start", id: ids.start, avatar, mode, transport, ...(audio ? { audio } : {}), ...(template ? { template } : {}),
-    });
+    request.startMessage = {
+      type: "start", avatar, mode, transport, ...(audio ? { audio } : {}), ...(template ? { template } : {}),
+    };
+    this._send({ ...request.startMessage, id: ids.start });
     // `start` has no reply of its own: the first `queued` or `granted` says it was taken.
     await ack;
     return request;
@@ -489,8 +514,12 @@ export class MuseTalkClient extends EventTarget {
         pending?.resolve(msg);
         break;
       }
+      case "redirect":
+        if (request) this._followRedirect(request, msg);
+        break;
       case "queued":
         if (request) {
+          request.resuming = false;
           request.phase = "queued";
           request.ack();
           this._setState("queued");
@@ -535,6 +564,12 @@ export class MuseTalkClient extends EventTarget {
     }
     this._emit(msg.type, msg);
     if (msg.type === "done" && request) this._finish(request, null, msg);
+    if (msg.type === "error" && request?.resuming && msg.code === "bad_audio" && request.audio) {
+      // Resumed on another node (the first one went away): the place is kept, the audio is not.
+      request.resuming = false;
+      this._sendClipAudio(request);
+      return;
+    }
     if (msg.type === "error") this._onError(msg);
   }
 
@@ -589,6 +624,7 @@ export class MuseTalkClient extends EventTarget {
     if (request?.phase === "queued" && request.audioSent && resume && !this._closing && request.resumes < MAX_RESUMES) {
       // The server keeps a queued ticket for a grace period: reconnect and take the place back.
       request.resumes += 1;
+      request.resuming = true;
       this._setState("reconnecting");
       this._emit("reconnecting", { attempt: request.resumes, code: event.code });
       setTimeout(() => {

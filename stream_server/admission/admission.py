@@ -7,6 +7,7 @@ ticket a resume may take back. Nothing else keeps a copy of either.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -31,16 +32,22 @@ class QueueView:
     slots_total: int
     slots_busy: int
     busy: list[tuple[str, float]]
+    pools: dict[str, tuple[int, int]]
+    """(slots, busy) per pool of the live nodes (a shared store); empty on one node."""
 
 
 class Admission(Generic[OwnerT]):
-    def __init__(self, policy: AdmissionPolicy, store: AdmissionStore) -> None:
+    def __init__(
+        self, policy: AdmissionPolicy, store: AdmissionStore, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.policy = policy
         self.store = store
+        self.clock = clock
+        """The time every caller passes as ``now``: shared by all nodes with a shared store."""
         self._owners: dict[str, OwnerT] = {}
         """Owners of this node's waiting and detached tickets."""
-        self._serving: dict[str, OwnerT] = {}
-        """Owners of this node's granted tickets, until released."""
+        self._serving: dict[str, tuple[OwnerT, Grant]] = {}
+        """Owners of this node's granted tickets and their grants, until released."""
         self._parked: dict[str, str] = {}
         """Resume key -> the detached ticket it may take back."""
         self.on_change: Callable[[], None] = _nothing
@@ -49,6 +56,10 @@ class Admission(Generic[OwnerT]):
     @property
     def serving_count(self) -> int:
         return len(self._serving)
+
+    @property
+    def node_id(self) -> str:
+        return self.store.node_id
 
     async def _expire(self, now: float) -> None:
         for ticket in await self.store.expire(now):
@@ -72,15 +83,20 @@ class Admission(Generic[OwnerT]):
         owner: OwnerT | None = None,
         *,
         hot: bool = False,
+        request: str = "",
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
         and its grant; a ticket granted with no owner is released by the dispatcher. ``hot``: its
-        avatar is hot (the policy's bounded boost)."""
+        avatar is hot (the policy's bounded boost). ``request`` (the ``start``, JSON) goes with the
+        ticket in a shared store, for a resume on another node."""
         await self._expire(now)
         while True:
             snapshot, version = await self.store.join_snapshot(identity, tier, now)
             key = self.policy.admit(tier, now, snapshot, hot=hot)
-            added = await self.store.insert(NewTicket(ticket_id, identity, tier, avatar, now, key), version)
+            resume_key = owner.resume_key if owner is not None else ""
+            added = await self.store.insert(
+                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request), version
+            )
             if added is not None:
                 break
         ticket, superseded = added
@@ -107,9 +123,10 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    def parked(self, resume_key: str) -> str | None:
-        """The detached ticket a resume by ``resume_key`` would take back."""
-        return self._parked.get(resume_key)
+    async def parked(self, resume_key: str) -> str | None:
+        """The detached ticket a resume by ``resume_key`` would take back: held here, or (a
+        shared store) on a node that went away."""
+        return self._parked.get(resume_key) or await self.store.find_detached(resume_key)
 
     async def reattach(self, ticket_id: str, identity: str, now: float) -> Ticket | None:
         """Put a detached ticket of ``identity`` back at its old place. ``None`` if unknown,
@@ -125,15 +142,56 @@ class Admission(Generic[OwnerT]):
         return ticket
 
     async def grant(self, now: float) -> Grant | None:
-        """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones."""
+        """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones.
+        With a shared store the ticket may be another node's (``owner_node``): the store
+        delivers the grant there."""
         await self._expire(now)
         grant = await self.store.pop_and_reserve(now)
         if grant is None:
             return None
+        self._to_serving(grant)
+        return grant
+
+    async def delivered(self) -> list[Grant]:
+        """Grants other nodes made for this node's tickets; their owners move to the serving ones."""
+        grants = await self.store.delivered()
+        for grant in grants:
+            self._to_serving(grant)
+        return grants
+
+    def _to_serving(self, grant: Grant) -> None:
         owner = self._owners.pop(grant.ticket.id, None)
         if owner is not None:
-            self._serving[grant.ticket.id] = owner
-        return grant
+            self._serving[grant.ticket.id] = (owner, grant)
+
+    def handed_off(self, ticket_id: str) -> None:
+        """The ticket's client went to the node whose slot it was granted: that node serves and
+        releases it."""
+        self._serving.pop(ticket_id, None)
+
+    async def take_handoff(self, handoff: str, now: float) -> Ticket | None:
+        """A client brought a grant made for a slot of this node: valid once, before it expires.
+        The slot is then this node's to release."""
+        return await self.store.consume_grant(handoff, now)
+
+    def adopt(self, ticket_id: str, owner: OwnerT) -> None:
+        """``owner`` takes over a waiting ticket whose node went away (a resume)."""
+        self._owners[ticket_id] = owner
+
+    def serve(self, grant: Grant, owner: OwnerT) -> None:
+        """``owner`` serves a grant whose client came from another node (a handoff)."""
+        self._serving[grant.ticket.id] = (owner, grant)
+
+    async def recover(self, now: float) -> list[OwnerT]:
+        """The shared store lost the line (Redis restarted empty): reserve again the slots this
+        node's sessions hold, and give up the waiting tickets, whose places are gone. Returns
+        their owners, to tell their clients."""
+        await self.store.restore_busy([grant for _, grant in self._serving.values()], now)
+        lost = list(self._owners.values())
+        self._owners.clear()
+        self._parked.clear()
+        self.on_change()
+        return lost
 
     async def release(self, ticket_id: str, now: float, *, served: bool = True) -> Ticket | None:
         """Free the slot held by ``ticket_id`` (idempotent)."""
@@ -146,17 +204,24 @@ class Admission(Generic[OwnerT]):
         """The whole line in grant order with each ticket's estimated wait."""
         await self._expire(now)
         line = await self.store.line(now)
+        if line.pool_slots:
+            eta = self.policy.estimates_in_pools(line.waiting, line.busy, line.busy_pools, line.pool_slots, line.times)
+        else:
+            eta = self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times)
+        pools = {p: (n, line.busy_pools.count(p)) for p, n in line.pool_slots.items()}
         return QueueView(
             waiting=line.waiting,
-            eta_s=self.policy.estimates(line.waiting, line.busy, line.slots_total, line.times),
+            eta_s=eta,
             slots_total=line.slots_total,
             slots_busy=len(line.busy),
             busy=line.busy,
+            pools=pools,
         )
 
     def owner(self, ticket_id: str) -> OwnerT | None:
         """The owner of one of this node's tickets (waiting, detached or granted)."""
-        return self._owners.get(ticket_id) or self._serving.get(ticket_id)
+        serving = self._serving.get(ticket_id)
+        return self._owners.get(ticket_id) or (serving[0] if serving is not None else None)
 
     async def set_slots(self, total: int) -> None:
         await self.store.set_slots(total)

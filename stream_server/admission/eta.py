@@ -31,6 +31,14 @@ class ServiceTimes:
     def snapshot(self) -> dict[str, float]:
         return dict(self._mean)
 
+    @classmethod
+    def restore(cls, means: dict[str, float], overall: float | None, alpha: float = 0.2) -> ServiceTimes:
+        """The means as a shared store keeps them (it applies ``record`` itself, atomically)."""
+        times = cls(alpha)
+        times._mean = dict(means)
+        times._overall = overall
+        return times
+
     def load(self, means: dict[str, float]) -> None:
         for tier, value in means.items():
             self.record(tier, value)
@@ -68,6 +76,10 @@ class OfferedWork:
     def __init__(self, horizon_s: float = 300.0) -> None:
         self.horizon_s = horizon_s
         self._work: dict[str, tuple[float, float]] = {}
+
+    def restore(self, tier: str, value: float, since: float) -> None:
+        """A tier's work as a shared store keeps it (decayed to ``since``)."""
+        self._work[tier] = (value, since)
 
     def add(self, tier: str, seconds: float, now: float) -> None:
         self._work[tier] = (self._decayed(tier, now) + seconds, now)

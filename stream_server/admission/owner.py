@@ -26,3 +26,12 @@ class TicketOwner(ABC):
     @abstractmethod
     def forgotten(self) -> None:
         """The detached ticket's resume grace is over: it is gone for good (free what it holds)."""
+
+    @abstractmethod
+    def lost(self, reason: str) -> None:
+        """The ticket is gone with the shared line (Redis restarted empty): tell the client."""
+
+    @abstractmethod
+    def redirected(self, grant: Grant, url: str, token: str) -> bool:
+        """The ticket was granted a slot on another node: send the client there with the signed
+        grant ``token``; False if the owner can no longer pass it on."""

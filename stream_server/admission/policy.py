@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from stream_server.admission.eta import ServiceTimes, estimate_waits
-from stream_server.settings import QueueSettings
+from stream_server.settings import PoolSettings, QueueSettings
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,9 @@ class JoinSnapshot:
 
 
 class AdmissionPolicy:
-    def __init__(self, settings: QueueSettings) -> None:
+    def __init__(self, settings: QueueSettings, pools: PoolSettings | None = None) -> None:
         self.settings = settings
+        self.pools = pools or PoolSettings()
 
     @property
     def resume_grace_s(self) -> float:
@@ -142,6 +143,38 @@ class AdmissionPolicy:
     ) -> list[float | None]:
         """Each waiting ticket's estimated wait, in grant order."""
         return estimate_waits([t.tier for t in waiting], busy, slots, times)
+
+    def estimates_in_pools(
+        self,
+        waiting: Sequence[Ticket],
+        busy: Sequence[tuple[str, float]],
+        busy_pools: Sequence[str],
+        pool_slots: Mapping[str, int],
+        times: ServiceTimes,
+    ) -> list[float | None]:
+        """Each waiting ticket's estimated wait where tiers are mapped to pools (``pools.tiers``):
+        the work ahead of it that competes for its tier's pools (tickets whose pools overlap
+        them, the busy slots in them), over those pools' slots. Overflow is left out: it only
+        makes waits shorter. Without a mapping, ``estimates``."""
+        if not self.pools.tiers or not pool_slots:
+            return self.estimates(waiting, busy, sum(pool_slots.values()) or 1, times)
+        every = frozenset(pool_slots)
+
+        def pools_of(tier: str) -> frozenset[str]:
+            mapped = self.pools.primary(tier)
+            return every if mapped is None else frozenset(mapped)
+
+        sets = [pools_of(t.tier) for t in waiting]
+        out: list[float | None] = [None] * len(waiting)
+        for group in set(sets):
+            members = [i for i, s in enumerate(sets) if s & group]
+            held = [b for b, pool in zip(busy, busy_pools, strict=True) if pool in group]
+            slots = sum(pool_slots.get(p, 0) for p in group)
+            waits = estimate_waits([waiting[i].tier for i in members], held, max(1, slots), times)
+            for i, wait in zip(members, waits, strict=True):
+                if sets[i] == group:
+                    out[i] = wait
+        return out
 
     def _join_estimate(self, tier: str, key: float, now: float, line: JoinSnapshot) -> tuple[float | None, bool]:
         """The estimated wait of a ticket joining now (with the reserve for higher-tier work that

@@ -10,10 +10,14 @@ join is decided again). No step decides anything: the rules are in ``policy.py``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream_server.admission.eta import ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
+
+
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached; the step that raised it changed nothing."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,19 @@ class Grant:
     granted_at: float
     queue_size: int
     """Tickets still waiting once this one was granted."""
+    node: str = ""
+    """The node whose slot was reserved ("" on a single node)."""
+    owner_node: str = ""
+    """The node that holds the ticket's client ("" on a single node)."""
+    handoff: str = ""
+    """When ``node`` is not ``owner_node``: the id of the single-use grant that the client
+    presents there (``hello{resume: grant}``); the slot returns if it is not used in time."""
+    node_url: str = ""
+    """Where clients reach ``node`` (its advertised ``cluster.public_url``)."""
+
+    @property
+    def remote(self) -> bool:
+        return self.node != self.owner_node
 
     @property
     def waited_s(self) -> float:
@@ -37,6 +54,10 @@ class LineState:
     """(tier, seconds held so far) of every busy slot."""
     slots_total: int
     times: ServiceTimes
+    pool_slots: dict[str, int] = field(default_factory=dict)
+    """Slots per pool of the live nodes (a shared store); empty on one node."""
+    busy_pools: list[str] = field(default_factory=list)
+    """The pool of each busy slot, in the order of ``busy`` (a shared store)."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +68,17 @@ class NewTicket:
     avatar: str
     joined_at: float
     key: float
+    resume_key: str = ""
+    """What a resume names the ticket's owner by: a shared store lets any node find it."""
+    request: str = ""
+    """The request as JSON, kept with the ticket by a shared store for a resume on another node."""
 
 
 class AdmissionStore(ABC):
+    node_id: str = ""
+    """This node's name in a shared store ("" on one node): grants name it as ``node`` and
+    ``owner_node``."""
+
     @abstractmethod
     async def expire(self, now: float) -> list[Ticket]:
         """Forget the detached tickets whose resume grace is over; return them."""
@@ -93,3 +122,23 @@ class AdmissionStore(ABC):
     @abstractmethod
     async def set_slots(self, total: int) -> None:
         """Capacity changed (workers measured, started or stopped)."""
+
+    async def delivered(self) -> list[Grant]:
+        """Grants that other nodes made for tickets whose clients this node holds (a shared
+        store); none on one node."""
+        return []
+
+    async def find_detached(self, resume_key: str) -> str | None:
+        """The detached ticket a resume by ``resume_key`` may take back, wherever it was held
+        (a shared store); ``None`` on one node, where admission keeps that itself."""
+        return None
+
+    async def restore_busy(self, grants: list[Grant], now: float) -> None:
+        """Reserve again the slots of grants still being served here, after a shared store lost
+        them (it restarted empty); nothing to do on one node."""
+        return None
+
+    async def consume_grant(self, handoff: str, now: float) -> Ticket | None:
+        """Take up a grant made for a slot of this node, once, before it expires (a shared
+        store); ``None`` on one node, where no grant is ever handed off."""
+        return None

@@ -193,6 +193,13 @@ class Connection:
         old, self._ws, self.welcome = self._ws, ws, welcome
         if old is not None:
             await old.close()
+        request = self.request
+        if request is not None and redirect.grant.startswith(CLUSTER_GRANT):
+            # A cluster's grant opens a new session on the slot's node: the request (and a clip's
+            # audio) goes there again, and streams at once (docs/protocol.md, Redirect). Any other
+            # grant resumes the request where it waits.
+            for message in request._opening:
+                await self._send(message)
 
     def _lost(self, reason: str) -> None:
         if self.request is not None and not self._closing:
@@ -216,11 +223,12 @@ class Connection:
         """
         request = ClipRequest(self, transport, decode=decode, keep_fmp4=keep_fmp4)
         self._claim(request)
-        await self._send({"type": "start", "avatar": avatar, "mode": "clip", "transport": transport,
-                          "audio": {"format": audio_format}})
-        for offset in range(0, len(audio), UPLOAD_CHUNK):
-            await self._send(audio[offset : offset + UPLOAD_CHUNK])
-        await self._send({"type": "audio_end"})
+        start = {"type": "start", "avatar": avatar, "mode": "clip", "transport": transport,
+                 "audio": {"format": audio_format}}
+        request._opening = [start, *(audio[o : o + UPLOAD_CHUNK] for o in range(0, len(audio), UPLOAD_CHUNK)),
+                            {"type": "audio_end"}]
+        for message in request._opening:
+            await self._send(message)
         return request
 
     async def say(
@@ -246,8 +254,9 @@ class Connection:
         """Start a live session: idle frames while silent, speech sent with ``send_audio``."""
         request = LiveSession(self, transport, sample_rate, decode=decode)
         self._claim(request)
-        await self._send({"type": "start", "avatar": avatar, "mode": "live", "transport": transport,
-                          "audio": {"format": "pcm_s16le", "sample_rate": sample_rate, "channels": 1}})
+        request._opening = [{"type": "start", "avatar": avatar, "mode": "live", "transport": transport,
+                             "audio": {"format": "pcm_s16le", "sample_rate": sample_rate, "channels": 1}}]
+        await self._send(request._opening[0])
         return request
 
     def _claim(self, request: Request) -> None:
@@ -272,6 +281,8 @@ class Connection:
 
 
 _END = object()
+CLUSTER_GRANT = "grant."
+"""How the grants of nodes sharing a line begin (stream_server/cluster/grants.py)."""
 
 
 class Request:
@@ -295,6 +306,9 @@ class Request:
         self._decoder: Fmp4Decoder | None = None
         self._rtc: WebRtcReceiver | None = None
         self._granted = asyncio.Event()
+        self._opening: list[dict[str, Any] | bytes] = []
+        """What started this request (``start``, a clip's audio): sent again to the node a
+        redirect moves it to."""
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()

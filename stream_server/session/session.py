@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from inference.engine import FPS
 from inference.pool import EnginePool
 from stream_server.admission.admission import Admission
-from stream_server.admission.policy import IdentityBusy, QueueFull
-from stream_server.admission.store import Grant
+from stream_server.admission.policy import IdentityBusy, QueueFull, Ticket
+from stream_server.admission.store import Grant, StoreUnavailable
 from stream_server.audio_input import AudioInput
 from stream_server.auth import Authenticator, Identity
+from stream_server.cluster.grants import is_grant_token
 from stream_server.dispatcher import Dispatcher
 from stream_server.outbox import Outbox
 from stream_server.protocol import (
@@ -39,6 +41,7 @@ from stream_server.protocol import (
     Start,
     WebrtcOffer,
     Welcome,
+    parse_client_message,
 )
 from stream_server.ratelimit import RateLimiter
 from stream_server.session.owner import RequestOwner
@@ -48,6 +51,10 @@ from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
 from stream_server.templates import Template, TemplateLibrary
 from stream_server.upload_budget import UploadBudget
+
+log = logging.getLogger(__name__)
+STORE_RETRY_S = 2.0
+"""retry_after_s suggested while the shared queue store is unreachable."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ class SessionServices:
 class Session:
     __slots__ = (
         "services", "outbox", "address", "id", "machine", "identity", "request", "bad_messages", "_requests",
-        "close_code",
+        "close_code", "handoff",
     )
 
     def __init__(self, services: SessionServices, outbox: Outbox, address: str) -> None:
@@ -84,6 +91,9 @@ class Session:
         self.bad_messages = 0
         self._requests = 0
         self.close_code: CloseCode | None = None
+        self.handoff: Grant | None = None
+        """A grant another node made for a slot here, taken up by ``hello{resume: grant}``: the
+        next ``start`` streams at once."""
 
     @property
     def state(self) -> SocketState:
@@ -92,6 +102,14 @@ class Session:
     # ----- client messages -----
 
     async def handle(self, message: ClientMessage) -> None:
+        try:
+            await self._handle(message)
+        except StoreUnavailable as exc:
+            raise ProtocolError(
+                ErrorCode.INTERNAL, f"{exc}; nothing was changed, try again", retry_after_s=STORE_RETRY_S
+            ) from None
+
+    async def _handle(self, message: ClientMessage) -> None:
         if isinstance(message, Ping):
             self.outbox.send(Pong(id=message.id).encode())
         elif isinstance(message, Hello):
@@ -128,7 +146,15 @@ class Session:
         self.machine.check(Event.HELLO)
         services = self.services
         self.identity = services.auth.identify(message.token, self.address)
-        owner = await self._resume(message.resume, self.identity) if message.resume else None
+        resume = message.resume
+        owner = None
+        if resume and is_grant_token(resume):
+            self.handoff = await self._take_handoff(resume, self.identity)
+        elif resume:
+            owner = await self._resume(resume, self.identity)
+        audio_lost = (
+            owner is not None and owner.adopted and not owner.request.live and owner.request.start.template is None
+        )
         self.machine.apply(Event.HELLO if owner is None else Event.RESUME)
         self.outbox.send(
             Welcome(
@@ -140,27 +166,76 @@ class Session:
                 id=message.id,
             ).encode()
         )
-        if message.resume and owner is None:
+        if resume and is_grant_token(resume) and self.handoff is None:
+            raise ProtocolError(ErrorCode.SESSION_EXPIRED, "the grant is unknown, was used already, or expired")
+        if resume and not is_grant_token(resume) and owner is None:
             reply = FINISHED_ERRORS[RequestStatus.EXPIRED]
             assert reply is not None
             raise ProtocolError(*reply)
+        if audio_lost:
+            raise ProtocolError(
+                ErrorCode.BAD_AUDIO,
+                "resumed on another node: the clip keeps its place, but its audio stayed on the node that "
+                "went away; send the audio (and audio_end) again",
+            )
 
     async def _resume(self, token: str, identity: Identity) -> RequestOwner | None:
         """Take back a detached request, if the token is genuine, in time and the same identity's.
         A resume that fails leaves the detached request as it was."""
         admission = self.services.admission
         session_id = self.services.auth.session_from_resume(token)
-        ticket_id = admission.parked(session_id) if session_id else None
-        if ticket_id is None or await admission.reattach(ticket_id, identity.key, time.monotonic()) is None:
+        ticket_id = await admission.parked(session_id) if session_id else None
+        if ticket_id is None or session_id is None:
+            return None
+        ticket = await admission.reattach(ticket_id, identity.key, admission.clock())
+        if ticket is None:
             return None
         owner = admission.owner(ticket_id)
-        assert owner is not None and session_id is not None
-        owner.rebind(self.outbox, self._take_grant)
+        if owner is None:
+            owner = await self._adopt(session_id, ticket)
+        else:
+            owner.rebind(self.outbox, self._take_grant, self._hand_off)
         self.id = session_id
         self.request = owner.request
         self.request.status = RequestStatus.WAITING
         self._requests = int(ticket_id.rsplit(":", 1)[1])
         return owner
+
+    async def _adopt(self, session_id: str, ticket: Ticket) -> RequestOwner:
+        """A resume of a ticket whose node went away: its ``start`` came with it in the shared
+        store, its audio did not (the client sends it again: see ``_hello``; a template's audio
+        is this node's own)."""
+        assert self.identity is not None
+        message = parse_client_message(ticket.meta["request"])
+        assert isinstance(message, Start)
+        template = self._template(message)
+        audio = self._audio_input(message, template)
+        request = Request(ticket.id, message, audio)
+        if template is not None:
+            await self._keep_template_audio(audio, template)
+            request.frames_total = audio.frames
+        owner = RequestOwner(session_id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
+        owner.adopted = True
+        self.services.admission.adopt(ticket.id, owner)
+        return owner
+
+    async def _take_handoff(self, token: str, identity: Identity) -> Grant | None:
+        """The grant a client brought from the node that holds its ticket, if it is genuine, for
+        this node, in time, unused and the same identity's (a wrong identity's gives its slot back)."""
+        services = self.services
+        admission = services.admission
+        tokens = services.dispatcher.grant_tokens
+        now = admission.clock()
+        claim = tokens.verify(token, now) if tokens is not None else None
+        if claim is None or claim.node != admission.node_id:
+            return None
+        ticket = await admission.take_handoff(claim.handoff, now)
+        if ticket is None:
+            return None
+        if ticket.identity != identity.key:
+            await services.dispatcher.release(ticket.id, served=False)
+            return None
+        return Grant(ticket, now, 0, node=admission.node_id, owner_node=admission.node_id)
 
     def _limits(self) -> Limits:
         limits = self.services.settings.limits
@@ -184,45 +259,31 @@ class Session:
         if avatar is None or not avatar.ready:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"no ready avatar {message.avatar!r}")
         template = self._template(message)
-        spec = message.audio
-        if template is not None:
-            spec = AudioSpec(format=template.format)  # type: ignore[arg-type]
-        elif spec is None:
-            if message.mode == "clip":
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
-            spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
-        limits = services.settings.limits
         services.upload_budget.check_room()
-        audio = AudioInput(
-            spec,
-            live=message.mode == "live",
-            max_seconds=limits.max_audio_seconds,
-            max_bytes=limits.max_audio_bytes,
-            budget=services.upload_budget,
-            spool_bytes=limits.audio_spool_bytes,
-        )
+        audio = self._audio_input(message, template)
+        if template is not None:  # its audio is kept (and validated) now, decoded at the grant
+            await self._keep_template_audio(audio, template)
+        if self.handoff is not None:
+            await self._start_handed_off(self.handoff, message, audio)
+            return
         self._requests += 1
         request = Request(f"{self.id}:{self._requests}", message, audio)
         hot = services.engine.hot.record(message.avatar) > services.engine.hot.hot_after
-        if template is not None:  # its audio is kept (and validated) now, decoded at the grant
-            try:
-                await audio.add(await asyncio.to_thread(template.read_audio))
-                await audio.end()
-            except ProtocolError:
-                audio.close()
-                raise
+        if template is not None:
             request.frames_total = audio.frames
             cached = await services.serving.find_cached(request)
             if cached is not None:  # rendered before: answered now, never queued
                 audio.close()
                 await services.serving.replay(cached, self.outbox)
                 return
-        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant)
+        owner = RequestOwner(self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off)
         services.yield_background()
         try:
-            await services.admission.join(
-                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, time.monotonic(), owner,
+            admission = services.admission
+            await admission.join(
+                request.ticket_id, self.identity.key, self.identity.tier, message.avatar, admission.clock(), owner,
                 hot=hot,
+                request=message.model_dump_json(exclude={"id"}),
             )
         except QueueFull as exc:
             audio.close()
@@ -244,6 +305,49 @@ class Session:
             known = ", ".join(self.services.templates.ids()) or "none"
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"start: no template {message.template!r} (known: {known})")
         return template
+    @staticmethod
+    async def _keep_template_audio(audio: AudioInput, template: Template) -> None:
+        try:
+            await audio.add(await asyncio.to_thread(template.read_audio))
+            await audio.end()
+        except ProtocolError:
+            audio.close()
+            raise
+
+    def _audio_input(self, message: Start, template: Template | None) -> AudioInput:
+        spec = message.audio
+        if template is not None:
+            spec = AudioSpec(format=template.format)  # type: ignore[arg-type]
+        elif spec is None:
+            if message.mode == "clip":
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "start: a clip needs audio: {\"format\": ...}")
+            spec = AudioSpec(format="pcm_s16le", sample_rate=16_000, channels=1)
+        limits = self.services.settings.limits
+        return AudioInput(
+            spec,
+            live=message.mode == "live",
+            max_seconds=limits.max_audio_seconds,
+            max_bytes=limits.max_audio_bytes,
+            budget=self.services.upload_budget,
+            spool_bytes=limits.audio_spool_bytes,
+        )
+
+    async def _start_handed_off(self, grant: Grant, message: Start, audio: AudioInput) -> None:
+        """The ``start`` after a redirect: its slot here is reserved already, it streams at once."""
+        assert self.identity is not None
+        self.handoff = None
+        request = Request(grant.ticket.id, message, audio)
+        if message.template is not None:
+            request.frames_total = audio.frames
+        owner = RequestOwner(
+            self.id, self.identity.tier, request, self.outbox, self._take_grant, self._hand_off, placed=True
+        )
+        self.services.admission.serve(grant, owner)
+        self.request = request
+        self.machine.apply(Event.START)
+        if not owner.granted(grant):
+            await self._drop_request(request)
+            await self.services.dispatcher.release(request.ticket_id, served=False)
 
     async def _audio_end(self) -> None:
         self.machine.check(Event.AUDIO_END)
@@ -306,6 +410,18 @@ class Session:
             request.rtc.interrupt()
 
     # ----- the grant, through the owner handle -----
+
+    def _hand_off(self) -> bool:
+        """This session's ticket was granted a slot on another node, where the client goes with
+        the grant (it sends its ``start`` and audio there again): the request ends here."""
+        request = self.request
+        if self.state is not SocketState.QUEUED or request is None:
+            return False
+        self.request = None
+        self.machine.apply(Event.END)
+        request.status = RequestStatus.FINISHED
+        request.audio.close()
+        return True
 
     def _take_grant(self, grant: Grant) -> bool:
         """This session's ticket was granted; False if the session can no longer use it."""
@@ -374,11 +490,18 @@ class Session:
     async def disconnected(self) -> None:
         """The socket closed: detach a queued request for resume; stop anything else at once."""
         request = self.request
-        if self.state is SocketState.QUEUED and request is not None:
-            await self.services.admission.detach(request.ticket_id, time.monotonic())
-            request.status = RequestStatus.DETACHED
-        elif request is not None:
-            await self._drop_request(request)
+        if self.handoff is not None:
+            await self.services.dispatcher.release(self.handoff.ticket.id, served=False)
+            self.handoff = None
+        try:
+            if self.state is SocketState.QUEUED and request is not None:
+                await self.services.admission.detach(request.ticket_id, self.services.admission.clock())
+                request.status = RequestStatus.DETACHED
+            elif request is not None:
+                await self._drop_request(request)
+        except StoreUnavailable as exc:
+            # The ticket stays in the shared line without an owner here: granted, it is released.
+            log.warning("session %s closed while the queue store was unreachable: %s", self.id, exc)
         if self.machine.allows(Event.CLOSE):
             self.machine.apply(Event.CLOSE)
         self.outbox.close()

@@ -1,0 +1,275 @@
+"""The shared admission store: one line for every node, in Redis (``queue.store = "redis"``).
+
+Each step of ``AdmissionStore`` is one Lua script (``redis_scripts.py``), so it is atomic across
+nodes. Every node registers itself with its slots, pool and URL, and renews a lease
+(``heartbeat``); a node whose lease runs out is dead to the others: its slots come back and the
+waiting tickets of its clients are held for a resume on any node, at their places. A grant pops
+the first ticket and reserves a slot on a live node that has one, the ticket's own node first;
+when that is another node, the grant carries a single-use handoff id that expires with its slot.
+
+Times are the caller's clock, which must be shared by every node (``time.time`` in a cluster).
+A lost connection raises ``StoreUnavailable`` with the cause.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+from collections.abc import Awaitable
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError, ResponseError
+
+from stream_server.admission import redis_scripts as lua
+from stream_server.admission.eta import OfferedWork, ServiceTimes
+from stream_server.admission.policy import JoinSnapshot, Ticket
+from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket, StoreUnavailable
+
+OFFERED_HORIZON_S = 300.0
+SERVICE_ALPHA = 0.2
+
+
+def decode_ticket(member: str | bytes) -> Ticket:
+    return _decode(member.decode() if isinstance(member, bytes) else member)
+
+
+@functools.lru_cache(maxsize=16384)
+def _decode(text: str) -> Ticket:
+    """A member never changes while its ticket lives: a line read decodes only the new ones."""
+    ticket_id, identity, tier, joined_at, key, avatar, node, resume_key, request = json.loads(text[15:])
+    return Ticket(
+        id=ticket_id,
+        identity=identity,
+        tier=tier,
+        joined_at=float(joined_at),
+        key=float(key),
+        seq=int(text[:15]),
+        avatar=avatar,
+        meta={"node": node, "resume_key": resume_key, "request": request},
+    )
+
+
+def encode_ticket(ticket: Ticket, node: str) -> str:
+    """The member ``decode_ticket`` reads (``redis_scripts``: the layout)."""
+    fields = [ticket.id, ticket.identity, ticket.tier, repr(ticket.joined_at), repr(ticket.key), ticket.avatar, node,
+              ticket.meta.get("resume_key", ""), ticket.meta.get("request", "")]
+    return f"{ticket.seq:015d}" + json.dumps(fields)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(flat: list[Any]) -> dict[str, str]:
+    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _times(flat: list[Any]) -> ServiceTimes:
+    means = {tier: float(v) for tier, v in _pairs(flat).items()}
+    overall = means.pop("*", None)
+    return ServiceTimes.restore(means, overall, SERVICE_ALPHA)
+
+
+class RedisAdmissionStore(AdmissionStore):
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        node_id: str,
+        tiers: list[str],
+        slots: int,
+        resume_grace_s: float,
+        grant_ttl_s: float,
+        pool: str = "default",
+        url: str = "",
+        tier_pools: dict[str, list[str]] | None = None,
+        overflow: dict[str, list[str]] | None = None,
+        lease_client: aioredis.Redis | None = None,
+    ) -> None:
+        self.client = client
+        self.lease_client = lease_client or client
+        """Renews the lease and hears the line's changes: its own connections, so that a node busy
+        with a thousand joins still renews its lease in time."""
+        self.prefix = prefix
+        self.node_id = node_id
+        self.tiers = tiers
+        self.slots_total = max(1, slots)
+        self.resume_grace_s = resume_grace_s
+        self.grant_ttl_s = grant_ttl_s
+        self.pool = pool
+        self.url = url
+        self._tier_pools = json.dumps(tier_pools or {})
+        self._overflow = json.dumps(overflow or {})
+        self._scripts: dict[str, AsyncScript] = {}
+
+    async def _run(self, name: str, *args: str | int, lease: bool = False) -> Any:
+        key = f"{name}:lease" if lease else name
+        script = self._scripts.get(key)
+        if script is None:
+            client = self.lease_client if lease else self.client
+            script = self._scripts[key] = client.register_script(getattr(lua, name))
+        try:
+            return await cast(Awaitable[Any], script(args=[self.prefix, *args]))
+        except ResponseError as exc:
+            if "already active" in str(exc):
+                raise ValueError(str(exc)) from None
+            raise
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
+
+    def _busy(self, entries: list[Any], now: float) -> list[tuple[str, float]]:
+        out = []
+        for raw in entries:
+            member, since, _node = json.loads(_text(raw))
+            out.append((decode_ticket(member).tier, now - float(since)))
+        return out
+
+    def _grant(self, raw: list[Any]) -> Grant:
+        member, since, node, handoff, size, url = (_text(x) for x in raw)
+        ticket = decode_ticket(member)
+        return Grant(
+            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url
+        )
+
+    # ----- cluster membership -----
+
+    async def heartbeat(self, now: float, lease_s: float) -> bool:
+        """Renew this node's lease (and its slots, pool and URL); True if it was not registered
+        (its first heartbeat, a Redis that restarted empty, or a lease that had run out)."""
+        new = await self._run(
+            "HEARTBEAT", self.node_id, repr(now + lease_s), self.slots_total, self.pool, self.url, lease=True
+        )
+        return bool(new)
+
+    async def drain(self) -> None:
+        """This node takes no new grants (it is shutting down)."""
+        await self._run("DRAIN", self.node_id)
+
+    async def consume_grant(self, handoff: str, now: float) -> Ticket | None:
+        """Take up a grant made for a slot of this node: once only, before it expires."""
+        member = await self._run("CONSUME_GRANT", handoff, self.node_id, repr(now))
+        return None if member is None else decode_ticket(member)
+
+    # ----- AdmissionStore -----
+
+    async def expire(self, now: float) -> list[Ticket]:
+        members = await self._run("EXPIRE", repr(now), repr(self.resume_grace_s))
+        return [decode_ticket(m) for m in members]
+
+    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+        version, waiting, detached, busy, total, active, times, offered = await self._run(
+            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S)
+        )
+        work = OfferedWork(OFFERED_HORIZON_S)
+        raw = _pairs(offered)
+        for name in self.tiers:
+            if name in raw:
+                work.restore(name, float(raw[name]), float(raw[f"{name}@"]))
+        held = [t for t in map(decode_ticket, detached) if t.identity != identity]
+        snapshot = JoinSnapshot(
+            waiting=[decode_ticket(m) for m in waiting],
+            held=held,
+            busy=self._busy(busy, now),
+            slots_total=max(1, int(total)),
+            identity_active=int(active),
+            times=_times(times),
+            offered={name: work.rate(name, now) for name in self.tiers},
+        )
+        return snapshot, int(version)
+
+    async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
+        reply = await self._run(
+            "INSERT",
+            str(version),
+            ticket.id,
+            ticket.identity,
+            ticket.tier,
+            repr(ticket.joined_at),
+            repr(ticket.key),
+            ticket.avatar,
+            self.node_id,
+            ticket.resume_key,
+            ticket.request,
+        )
+        if _text(reply[0]) == "stale":
+            return None
+        return decode_ticket(reply[1]), [decode_ticket(m) for m in reply[2:]]
+
+    async def remove(self, ticket_id: str) -> Ticket | None:
+        member = await self._run("REMOVE", ticket_id)
+        return None if member is None else decode_ticket(member)
+
+    async def detach(self, ticket_id: str, until: float) -> Ticket | None:
+        member = await self._run("DETACH", ticket_id, repr(until))
+        return None if member is None else decode_ticket(member)
+
+    async def reattach(self, ticket_id: str, identity: str) -> Ticket | None:
+        member = await self._run("REATTACH", ticket_id, identity, self.node_id)
+        return None if member is None else decode_ticket(member)
+
+    async def pop_and_reserve(self, now: float) -> Grant | None:
+        ttl = self.grant_ttl_s
+        raw = await self._run(
+            "POP_AND_RESERVE",
+            repr(now),
+            self.node_id,
+            secrets.token_urlsafe(18),
+            repr(now + ttl),
+            max(1, int(ttl * 1000)),
+            self._tier_pools,
+            self._overflow,
+        )
+        return None if raw is None else self._grant(raw)
+
+    async def delivered(self) -> list[Grant]:
+        entries = await self._run("DELIVERED", self.node_id)
+        return [self._grant(json.loads(_text(e))) for e in entries]
+
+    async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
+        member = await self._run("RELEASE", ticket_id, repr(now), "1" if served else "0", repr(SERVICE_ALPHA))
+        return None if member is None else decode_ticket(member)
+
+    async def line(self, now: float) -> LineState:
+        waiting, busy, total, times, nodes = await self._run("LINE", repr(now))
+        node_pool: dict[str, str] = {}
+        pool_slots: dict[str, int] = {}
+        for i in range(0, len(nodes), 3):
+            node, pool, slots = _text(nodes[i]), _text(nodes[i + 1]), int(nodes[i + 2])
+            node_pool[node] = pool
+            pool_slots[pool] = pool_slots.get(pool, 0) + slots
+        busy_nodes = [json.loads(_text(e))[2] for e in busy]
+        return LineState(
+            waiting=[decode_ticket(m) for m in waiting],
+            busy=self._busy(busy, now),
+            slots_total=max(1, int(total)),
+            times=_times(times),
+            pool_slots=pool_slots,
+            busy_pools=[node_pool.get(n, "") for n in busy_nodes],
+        )
+
+    async def set_slots(self, total: int) -> None:
+        self.slots_total = max(1, total)
+        await self._run("SET_SLOTS", self.node_id, self.slots_total)
+
+    async def restore_busy(self, grants: list[Grant], now: float) -> None:
+        args: list[str | int] = [self.node_id]
+        for grant in grants:
+            args += [encode_ticket(grant.ticket, self.node_id), repr(grant.granted_at)]
+        await self._run("RESTORE_BUSY", *args)
+
+    async def find_detached(self, resume_key: str) -> str | None:
+        found = await self._run("FIND_DETACHED", resume_key)
+        return None if found is None else _text(found)
+
+    # ----- introspection for tests -----
+
+    async def identities(self) -> dict[str, int]:
+        raw = await cast(Awaitable[dict[bytes, bytes]], self.client.hgetall(self.prefix + "ident"))
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    async def detached_count(self) -> int:
+        return int(await self.client.hlen(self.prefix + "det"))
