@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from inference.engine import FPS
@@ -47,6 +48,9 @@ from stream_server.session.state import Event, SessionStateMachine, SocketState
 from stream_server.settings import Settings
 from stream_server.upload_budget import UploadBudget
 
+EXPIRY_MARGIN_S = 0.05
+"""The expiry timer fires this much after ``exp + grace``, so that the check it makes agrees."""
+
 
 @dataclass(frozen=True)
 class SessionServices:
@@ -65,7 +69,7 @@ class SessionServices:
 class Session:
     __slots__ = (
         "services", "outbox", "address", "id", "machine", "identity", "request", "bad_messages", "_requests",
-        "close_code",
+        "close_code", "hang_up", "_expiry", "_ending",
     )
 
     def __init__(self, services: SessionServices, outbox: Outbox, address: str) -> None:
@@ -79,6 +83,10 @@ class Session:
         self.bad_messages = 0
         self._requests = 0
         self.close_code: CloseCode | None = None
+        self.hang_up: Callable[[CloseCode], Awaitable[None]] | None = None
+        """Closes the socket from outside its receive loop (the app sets it)."""
+        self._expiry: asyncio.TimerHandle | None = None
+        self._ending: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> SocketState:
@@ -114,6 +122,8 @@ class Session:
         except ProtocolError:
             await self._drop_request(request)
             raise
+        if request.on_audio is not None:
+            request.on_audio()
         if pcm is not None:
             request.deliver(pcm)
 
@@ -123,6 +133,7 @@ class Session:
         self.identity = services.auth.identify(message.token, self.address)
         owner = await self._resume(message.resume, self.identity) if message.resume else None
         self.machine.apply(Event.HELLO if owner is None else Event.RESUME)
+        self._watch_expiry(self.identity)
         self.outbox.send(
             Welcome(
                 session=self.id,
@@ -154,6 +165,35 @@ class Session:
         self.request.status = RequestStatus.WAITING
         self._requests = int(ticket_id.rsplit(":", 1)[1])
         return owner
+
+    def _watch_expiry(self, identity: Identity) -> None:
+        """One timer per socket with an ``exp``, at ``exp + auth.exp_grace_s``: then the
+        session ends whatever its state (nothing runs for the sockets in between)."""
+        if identity.expires_at is None:
+            return
+        delay = identity.expires_at + self.services.settings.auth.exp_grace_s - time.time()
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, delay) + EXPIRY_MARGIN_S, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self._ending = asyncio.get_running_loop().create_task(self._end_expired(), name=f"expired-{self.id}")
+
+    async def _end_expired(self) -> None:
+        """The token is past its grace: drop the request (freeing its place or slot), then say
+        ``invalid_token`` and close with 4401."""
+        assert self.identity is not None
+        try:
+            self.services.auth.ensure_current(self.identity)
+        except ProtocolError as err:
+            expired = err
+        else:  # the wall clock went back: not yet expired after all
+            self._watch_expiry(self.identity)
+            return
+        if self.request is not None:
+            await self._drop_request(self.request)
+        self.send_error(expired)
+        if self.hang_up is not None:
+            await self.hang_up(CloseCode.INVALID_TOKEN)
 
     def _limits(self) -> Limits:
         limits = self.services.settings.limits
@@ -342,6 +382,8 @@ class Session:
             await self._drop_request(request)
         if self.machine.allows(Event.CLOSE):
             self.machine.apply(Event.CLOSE)
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.outbox.close()
 
     def send_error(self, err: ProtocolError, msg_id: JsonId = None) -> None:
