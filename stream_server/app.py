@@ -37,6 +37,7 @@ from stream_server.protocol import (
     parse_client_message,
 )
 from stream_server.settings import Settings
+from stream_server.ws_abort import ABORT
 
 log = logging.getLogger(__name__)
 WEB_CLIENT = Path(__file__).resolve().parent.parent / "web_client"
@@ -73,6 +74,27 @@ def cors_headers(request: Request, allowed: list[str]) -> dict[str, str]:
     return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
+def cut_off(websocket: WebSocket, node: Node, address: str, why: str) -> None:
+    """Drop the connection of a client that does not read: a close would wait for it to read.
+    The ``stalled`` error it earned cannot reach it; it is counted all the same."""
+    node.metrics.rejections.labels(ErrorCode.STALLED.value).inc()
+    abort = websocket.scope.get("extensions", {}).get(ABORT, {}).get("abort")
+    if abort is None:
+        log.warning("cannot abort the connection of %s (%s): this server has no %s extension", address, why, ABORT)
+        return
+    log.info("aborting the connection of %s: %s", address, why)
+    abort()
+
+
+async def hang_up(websocket: WebSocket, outbox: Outbox, code: CloseCode) -> None:
+    """Close the socket from outside its receive loop (which then sees the disconnect), after
+    what was queued for it, or at most 2 s."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(outbox.drained(), 2.0)
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.close(int(code))
+
+
 async def session_socket(websocket: WebSocket, node: Node) -> None:
     if not origin_allowed(websocket, node.settings.server.allowed_origins):
         node.metrics.rejections.labels(ErrorCode.FORBIDDEN_ORIGIN.value).inc()
@@ -89,10 +111,19 @@ async def session_socket(websocket: WebSocket, node: Node) -> None:
         else:
             await websocket.send_bytes(item)
 
-    outbox = Outbox(send, coalesce_s=node.settings.queue.coalesce_s)
+    outbox = Outbox(
+        send,
+        coalesce_s=node.settings.queue.coalesce_s,
+        max_bytes=node.settings.limits.outbox_bytes,
+        stall_timeout_s=node.settings.stream.stall_timeout_s,
+        tally=node.outbox_tally,
+    )
     outbox.on_status_sent = node.metrics.position_pushes.inc
     client = websocket.client
-    session = node.session(outbox, client.host if client else "unknown")
+    address = client.host if client else "unknown"
+    outbox.on_stuck = lambda why: cut_off(websocket, node, address, why)
+    session = node.session(outbox, address)
+    session.hang_up = lambda code: hang_up(websocket, outbox, code)
     node.metrics.connections.inc()
     limits = node.settings.limits
     hello_deadline = HelloDeadline(limits.hello_timeout_s, lambda: session.identity is not None)

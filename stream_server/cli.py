@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from stream_server.app import create_app
     from stream_server.drain import DrainingServer
     from stream_server.header_deadline import with_header_timeout
+    from stream_server.ws_abort import AbortableWebSocketProtocol
 
     # Encoder and frame-worker threads share the GIL with the event loop: hand it back sooner.
     sys.setswitchinterval(0.001)
@@ -33,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         http=with_header_timeout(settings.server.header_timeout_s),
-        ws="websockets-sansio",
+        ws=AbortableWebSocketProtocol,
         ws_max_size=settings.limits.max_message_bytes,
         ws_per_message_deflate=False,
         ws_ping_interval=settings.server.ws_ping_interval_s,

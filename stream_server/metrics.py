@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from inference.avatars.cache import CacheStats
 
 if TYPE_CHECKING:
+    from stream_server.outbox import OutboxTally
     from stream_server.upload_budget import UploadBudget
 
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
@@ -87,6 +88,13 @@ class Metrics:
         self.queued_audio_bytes_limit = Gauge(
             "mts_queued_audio_bytes_limit", "The node's budget for audio kept by waiting requests", registry=r
         )
+
+        self.outbox_bytes = Gauge(
+            "mts_outbox_bytes", "Bytes queued for clients and not yet written, all sockets together", registry=r
+        )
+
+    def watch_outboxes(self, tally: OutboxTally) -> None:
+        self.outbox_bytes.set_function(lambda: tally.bytes)
 
     def watch_upload_budget(self, budget: UploadBudget) -> None:
         self.queued_audio_bytes.set_function(lambda: budget.used_bytes)

@@ -26,7 +26,7 @@ from stream_server.cluster.membership import Membership
 from stream_server.dispatcher import Dispatcher
 from stream_server.loop_lag import LoopLagMonitor
 from stream_server.metrics import Metrics
-from stream_server.outbox import Outbox
+from stream_server.outbox import Outbox, OutboxTally
 from stream_server.pregen import BackgroundPregen
 from stream_server.ratelimit import RateLimiter
 from stream_server.session.owner import RequestOwner
@@ -152,6 +152,8 @@ class Node:
         self.start_limiter = RateLimiter(settings.limits.start_rate_per_minute, settings.limits.start_burst)
         self.upload_budget = UploadBudget(settings.limits.queued_audio_bytes, settings.queue.retry_after_s)
         self.metrics.watch_upload_budget(self.upload_budget)
+        self.outbox_tally = OutboxTally()
+        self.metrics.watch_outboxes(self.outbox_tally)
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
         self.ready = False

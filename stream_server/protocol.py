@@ -28,6 +28,7 @@ class ErrorCode(enum.StrEnum):
     NOT_GRANTED = "not_granted"
     FORBIDDEN_ORIGIN = "forbidden_origin"
     SESSION_EXPIRED = "session_expired"
+    STALLED = "stalled"
     INTERNAL = "internal"
 
 
@@ -56,9 +57,13 @@ class ProtocolError(Exception):
         self.close = close
 
 
+MAX_ID_BYTES = 256
+"""The longest ``id`` a client message may carry: it is echoed, so it must not grow the replies."""
+
+
 class _Client(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str | int | None = None
+    id: Annotated[str, Field(max_length=MAX_ID_BYTES)] | int | None = None
 
 
 class Hello(_Client):
@@ -133,12 +138,14 @@ def parse_client_message(text: str) -> ClientMessage:
 
 
 def message_id(text: str) -> Any:
-    """Best-effort ``id`` of a message that failed to parse, so the error can echo it."""
+    """Best-effort ``id`` of a message that failed to parse, so the error can echo it (not one
+    longer than ``MAX_ID_BYTES`` once encoded)."""
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    return raw.get("id") if isinstance(raw, dict) else None
+    found = raw.get("id") if isinstance(raw, dict) else None
+    return found if len(json.dumps(found)) <= MAX_ID_BYTES else None
 
 
 # ----- server to client -----

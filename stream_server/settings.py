@@ -106,6 +106,8 @@ class LimitSettings(BaseModel):
     start_burst: int = 5
     bad_message_limit: int = 20
     hello_timeout_s: float = 5.0
+    live_idle_timeout_s: float = 300.0
+    outbox_bytes: int = 8 << 20
     queued_audio_bytes: int = 1 << 30
     audio_spool_bytes: int = 16_384
     avatar_upload_bytes: int = 200_000_000
@@ -140,6 +142,7 @@ class StreamSettings(BaseModel):
     ice_servers: list[IceServer] = Field(default_factory=list)
     clip_cache_bytes: int = 10 << 30
     webrtc_offer_timeout_s: float = 20.0
+    stall_timeout_s: float = 30.0
     audio_bitrate: int = 64000
     clip_store: Literal["local", "s3"] = "local"
     s3_bucket: str = ""

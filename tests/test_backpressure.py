@@ -39,7 +39,7 @@ async def test_a_client_that_stops_reading_stalls_its_stream_not_the_server(tmp_
         await never.wait()
 
     limit = 256 * 1024
-    outbox = Outbox(stuck_socket, coalesce_s=0.25, max_media_bytes=limit)
+    outbox = Outbox(stuck_socket, coalesce_s=0.25, max_bytes=2 * limit)  # media may fill half
     sender = MseSender(stream, outbox, StreamSettings())
     task = asyncio.create_task(sender.run())
     try:

@@ -155,7 +155,7 @@ async def test_a_cancelled_sender_stops_its_encoder_thread_and_its_stream(
 
     stream = worker.open_stream(avatar, StreamMode.CLIP)
     speak(stream, 10.0)
-    outbox = Outbox(stuck, coalesce_s=0.25, max_media_bytes=64 * 1024)  # the encoder stalls on it
+    outbox = Outbox(stuck, coalesce_s=0.25, max_bytes=128 * 1024)  # the encoder stalls on it
     before = len(encoder_threads())
     task = asyncio.create_task(MseSender(stream, outbox, StreamSettings()).run())
     for _ in range(3000):  # until the encoder waits for the outbox and the stream's buffer is full

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from inference.stream import EngineStream
@@ -23,12 +24,16 @@ class RequestStatus(enum.IntEnum):
     FINISHED = 10
     """Complete: ``done``."""
     TIME_LIMIT = 11
-    """A live session reached ``max_live_session_s``: ``done`` without a clip."""
+    """A live session reached ``max_live_session_s``, or had no audio for
+    ``live_idle_timeout_s``: ``done`` without a clip."""
     CANCELLED = 12
     """By the client (``cancel``, a disconnect) or a peer connection that never came: no reply."""
     REFUSED = 13
     """Ended by a client error (bad audio, no offer, ...): the error names its own code."""
     EXPIRED = 14
+    STALLED = 18
+    """The client read nothing for ``stream.stall_timeout_s``: its connection was aborted (and
+    counted as a ``stalled`` error, which cannot reach it)."""
     MEDIA_LOST = 15
     ENGINE_FAILED = 16
     FAILED = 17
@@ -46,6 +51,7 @@ FINISHED_ERRORS: dict[RequestStatus, tuple[ErrorCode, str] | None] = {
     RequestStatus.EXPIRED: (
         ErrorCode.SESSION_EXPIRED, "the session to resume is unknown or its grace period is over"
     ),
+    RequestStatus.STALLED: None,
     RequestStatus.MEDIA_LOST: (ErrorCode.INTERNAL, "the media connection ended ({detail}); the slot was released"),
     RequestStatus.ENGINE_FAILED: (ErrorCode.INTERNAL, "the engine failed; the slot was released"),
     RequestStatus.FAILED: (ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released"),
@@ -69,6 +75,8 @@ class Request:
     media_started: bool = False
     offer: asyncio.Future[tuple[str, JsonId]] | None = None
     rtc: WebRtcSender | None = None
+    on_audio: Callable[[], None] | None = None
+    """Told of each piece of audio that arrives while the request is served (the live idle timer)."""
 
     @property
     def live(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,10 @@ from stream_server.transports.mse import MseSender, ProgressReporter, StreamResu
 from stream_server.transports.webrtc import WebRtcSender
 
 log = logging.getLogger(__name__)
+
+
+class LiveIdle(Exception):
+    """A live session had no audio for ``limits.live_idle_timeout_s``."""
 
 STREAM_OUTCOME = {
     StreamState.FINISHED: RequestStatus.FINISHED,
@@ -90,7 +95,10 @@ class Serving:
 
     async def replay(self, clip: CachedClip, outbox: Outbox) -> None:
         """Stream a stored clip: ``stream``, its segments, ``done``. No rendering, no slot."""
-        frames = await send_cached_clip(clip.data, clip.meta, outbox, self.settings.limits.max_message_bytes)
+        try:
+            frames = await send_cached_clip(clip.data, clip.meta, outbox, self.settings.limits.max_message_bytes)
+        except OutboxClosed:  # the client went away mid-replay: nobody to tell
+            return
         self.metrics.clips_served.inc()
         outbox.send(done_message(frames, self.clips.url(clip.key)))
 
@@ -101,9 +109,13 @@ class Serving:
         try:
             result = await self._stream(request, outbox)
         except OutboxClosed:
-            return RequestStatus.CANCELLED
+            return RequestStatus.CANCELLED if outbox.stuck is None else RequestStatus.STALLED
         except TimeoutError:
             outbox.send(done_message(0, None, time_limit_s=self.settings.limits.max_live_session_s))
+            return RequestStatus.TIME_LIMIT
+        except LiveIdle:
+            held = time.monotonic() - request.granted_at
+            outbox.send(done_message(0, None, time_limit_s=round(held, 3)))
             return RequestStatus.TIME_LIMIT
         except ProtocolError as exc:
             self.send_error(outbox, exc)
@@ -152,22 +164,44 @@ class Serving:
         limit = self.settings.limits.max_live_session_s if request.live else None
         try:
             async with asyncio.timeout(limit):
-                if request.offer is not None:
-                    return await self._serve_webrtc(request, stream, ready, outbox)
-                sender = MseSender(
-                    stream,
-                    outbox,
-                    self.settings.stream,
-                    total_frames=lambda: request.frames_total,
-                    open_clip=lambda: (
-                        self.clips.writer(request.clip_key, request.start.avatar) if request.clip_key else None
-                    ),
-                    on_frames=self.metrics.frames.inc,
-                    first_segment=lambda: setattr(request, "media_started", True),
-                )
-                return await sender.run()
+                return await self._send_until_idle(request, stream, ready, outbox)
         finally:
             stream.cancel()
+
+    async def _send_until_idle(
+        self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox
+    ) -> StreamResult:
+        """Send the stream; a live one ends with ``LiveIdle`` after ``live_idle_timeout_s``
+        without audio (each piece of audio puts the deadline back)."""
+        idle_s = self.settings.limits.live_idle_timeout_s if request.live else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(idle_s) as idle:
+                if idle_s is not None:
+                    request.on_audio = lambda: idle.reschedule(loop.time() + idle_s)
+                return await self._send(request, stream, ready, outbox)
+        except TimeoutError:
+            if idle.expired():
+                raise LiveIdle from None
+            raise
+        finally:
+            request.on_audio = None
+
+    async def _send(self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox) -> StreamResult:
+        if request.offer is not None:
+            return await self._serve_webrtc(request, stream, ready, outbox)
+        sender = MseSender(
+            stream,
+            outbox,
+            self.settings.stream,
+            total_frames=lambda: request.frames_total,
+            open_clip=lambda: (
+                self.clips.writer(request.clip_key, request.start.avatar) if request.clip_key else None
+            ),
+            on_frames=self.metrics.frames.inc,
+            first_segment=lambda: setattr(request, "media_started", True),
+        )
+        return await sender.run()
 
     async def _serve_webrtc(
         self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from inference.engine import FPS
@@ -55,6 +55,8 @@ from stream_server.upload_budget import UploadBudget
 log = logging.getLogger(__name__)
 STORE_RETRY_S = 2.0
 """retry_after_s suggested while the shared queue store is unreachable."""
+EXPIRY_MARGIN_S = 0.05
+"""The expiry timer fires this much after ``exp + grace``, so that the check it makes agrees."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class SessionServices:
 class Session:
     __slots__ = (
         "services", "outbox", "address", "id", "machine", "identity", "request", "bad_messages", "_requests",
-        "close_code", "handoff",
+        "close_code", "handoff", "hang_up", "_expiry", "_ending",
     )
 
     def __init__(self, services: SessionServices, outbox: Outbox, address: str) -> None:
@@ -94,6 +96,10 @@ class Session:
         self.handoff: Grant | None = None
         """A grant another node made for a slot here, taken up by ``hello{resume: grant}``: the
         next ``start`` streams at once."""
+        self.hang_up: Callable[[CloseCode], Awaitable[None]] | None = None
+        """Closes the socket from outside its receive loop (the app sets it)."""
+        self._expiry: asyncio.TimerHandle | None = None
+        self._ending: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> SocketState:
@@ -139,6 +145,8 @@ class Session:
         except ProtocolError:
             await self._drop_request(request)
             raise
+        if request.on_audio is not None:
+            request.on_audio()
         if pcm is not None:
             request.deliver(pcm)
 
@@ -156,6 +164,7 @@ class Session:
             owner is not None and owner.adopted and not owner.request.live and owner.request.start.template is None
         )
         self.machine.apply(Event.HELLO if owner is None else Event.RESUME)
+        self._watch_expiry(self.identity)
         self.outbox.send(
             Welcome(
                 session=self.id,
@@ -236,6 +245,34 @@ class Session:
             await services.dispatcher.release(ticket.id, served=False)
             return None
         return Grant(ticket, now, 0, node=admission.node_id, owner_node=admission.node_id)
+    def _watch_expiry(self, identity: Identity) -> None:
+        """One timer per socket with an ``exp``, at ``exp + auth.exp_grace_s``: then the
+        session ends whatever its state (nothing runs for the sockets in between)."""
+        if identity.expires_at is None:
+            return
+        delay = identity.expires_at + self.services.settings.auth.exp_grace_s - time.time()
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, delay) + EXPIRY_MARGIN_S, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._expiry = None
+        self._ending = asyncio.get_running_loop().create_task(self._end_expired(), name=f"expired-{self.id}")
+
+    async def _end_expired(self) -> None:
+        """The token is past its grace: drop the request (freeing its place or slot), then say
+        ``invalid_token`` and close with 4401."""
+        assert self.identity is not None
+        try:
+            self.services.auth.ensure_current(self.identity)
+        except ProtocolError as err:
+            expired = err
+        else:  # the wall clock went back: not yet expired after all
+            self._watch_expiry(self.identity)
+            return
+        if self.request is not None:
+            await self._drop_request(self.request)
+        self.send_error(expired)
+        if self.hang_up is not None:
+            await self.hang_up(CloseCode.INVALID_TOKEN)
 
     def _limits(self) -> Limits:
         limits = self.services.settings.limits
@@ -504,6 +541,8 @@ class Session:
             log.warning("session %s closed while the queue store was unreachable: %s", self.id, exc)
         if self.machine.allows(Event.CLOSE):
             self.machine.apply(Event.CLOSE)
+        if self._expiry is not None:
+            self._expiry.cancel()
         self.outbox.close()
 
     def send_error(self, err: ProtocolError, msg_id: JsonId = None) -> None:
