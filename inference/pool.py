@@ -10,13 +10,18 @@ here, naming the missing files; ``auto`` logs a warning that says why it serves 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.avatars.store import AvatarStore
 from inference.engine import PreparedAvatar, Renderer
 from inference.stream import EngineStream, StreamMode
-from inference.worker import FrameWorker
+from inference.worker import FrameWorker, WorkerStats
+
+if TYPE_CHECKING:
+    from inference.procs.process_pool import ProcessEnginePool
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +35,7 @@ class EngineConfig:
     device: str = "cuda"
     dtype: str = "fp16"
     workers: int = 1
+    process_mode: str = "thread"
     max_batch: int = 8
     avatar_cache: int = 16
     data_dir: Path = Path("var")
@@ -92,37 +98,53 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(workers)]
 
 
+def build_renderer(config: EngineConfig, kind: str, device: str) -> Renderer:
+    """One worker's renderer of ``kind`` on ``device`` (slow: loads the models)."""
+    if kind == "musetalk":
+        from inference.musetalk import MuseTalkRenderer
+
+        return MuseTalkRenderer.from_folder(
+            config.models_dir, avatar_root(config), device=device, dtype=config.dtype, max_batch=config.max_batch
+        )
+    from inference.lite import LiteRenderer
+
+    return LiteRenderer(avatar_root(config), max_batch=config.max_batch)
+
+
 def build_renderers(config: EngineConfig) -> list[Renderer]:
     """One renderer per worker, of the kind ``choose_kind`` picks (slow: loads the models)."""
     workers = max(1, config.workers)
     kind = choose_kind(config)
     if kind == "musetalk":
-        from inference.musetalk import MuseTalkRenderer
-
-        renderers: list[Renderer] = []
-        for index, device in enumerate(worker_devices(config.device, workers)):
+        devices = worker_devices(config.device, workers)
+        for index, device in enumerate(devices):
             log.info("frame worker %d: MuseTalk on %s (%s)", index, device, config.dtype)
-            renderers.append(
-                MuseTalkRenderer.from_folder(
-                    config.models_dir,
-                    avatar_root(config),
-                    device=device,
-                    dtype=config.dtype,
-                    max_batch=config.max_batch,
-                )
-            )
-        return renderers
-    from inference.lite import LiteRenderer
-
+        return [build_renderer(config, kind, device) for device in devices]
     log.info("%d frame worker(s): the lite engine on the CPU", workers)
-    return [LiteRenderer(avatar_root(config), max_batch=config.max_batch) for _ in range(workers)]
+    return [build_renderer(config, kind, "cpu") for _ in range(workers)]
+
+
+def open_engine(config: EngineConfig) -> EnginePool | ProcessEnginePool:
+    """``engine.process_mode``: worker threads in this process, or supervised worker processes."""
+    if config.process_mode == "process":
+        from inference.procs.process_pool import ProcessEnginePool
+
+        return ProcessEnginePool(config)
+    if config.process_mode != "thread":
+        raise ValueError(f'engine.process_mode must be "thread" or "process", not {config.process_mode!r}')
+    return EnginePool(config)
 
 
 class EnginePool:
-    """Workers sharing one avatar store; a new stream goes to the least loaded worker."""
+    """Worker threads sharing one avatar store; a new stream goes to the least loaded worker."""
+
+    encodes_in_workers = False
+    """MSE streams are encoded by the transport's own thread (process mode: in the workers)."""
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
+        self.on_capacity: Callable[[], None] = lambda: None
+        """Never called: threads do not die on their own."""
         renderers = renderers or build_renderers(config)
         self.name = renderers[0].name
         self.workers = [
@@ -130,6 +152,7 @@ class EnginePool:
             for i, r in enumerate(renderers)
         ]
         self.avatars = AvatarStore(avatar_root(config), renderers[0], cache_size=config.avatar_cache)
+        self._capacity = 0.0
 
     def start(self) -> None:
         for worker in self.workers:
@@ -147,7 +170,16 @@ class EnginePool:
 
     def measure_capacity(self, avatar: PreparedAvatar) -> float:
         """Frames a second all workers sustain together (measured before they start)."""
-        return sum(worker.measure_capacity(avatar) for worker in self.workers)
+        self._capacity = sum(worker.measure_capacity(avatar) for worker in self.workers)
+        return self._capacity
 
     def frames_per_second(self) -> float:
         return sum(w.frames_per_second() for w in self.workers)
+
+    def capacity(self) -> float:
+        """The frames/s measured by ``measure_capacity``; threads stay up."""
+        return self._capacity
+
+    def worker_stats(self) -> list[tuple[str, WorkerStats, bool, int]]:
+        """(name, stats, up, restarts) of each worker."""
+        return [(w.name, w.stats(), True, 0) for w in self.workers]

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +53,16 @@ class RenderRate:
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class WorkerStats:
+    """What the node's per-worker metrics show; ``batch_sizes`` are those since the last call."""
+
+    frames_per_second: float
+    streams: int
+    queue_depth: int
+    batch_sizes: list[int]
+
+
 class FrameWorker:
     """Owns a renderer and the only thread that calls it."""
 
@@ -68,6 +79,9 @@ class FrameWorker:
         self.frames_rendered = 0
         self.batches = 0
         self._rate = RenderRate()
+        self._batch_sizes: list[int] = []
+        self.queue_depth = 0
+        """Speech frames whose features are ready, all streams, at the last round."""
 
     # ----- lifecycle -----
 
@@ -115,6 +129,12 @@ class FrameWorker:
         """Measured render rate over the last ``window_s`` seconds of busy time."""
         return self._rate.per_second(window_s, time.monotonic())
 
+    def stats(self) -> WorkerStats:
+        with self._lock:
+            sizes, self._batch_sizes = self._batch_sizes, []
+            streams = len(self._streams)
+        return WorkerStats(self.frames_per_second(), streams, self.queue_depth, sizes)
+
     def measure_capacity(self, avatar: PreparedAvatar, batches: int = 3) -> float:
         """Frames a second this worker's renderer sustains at full batches of ``avatar``'s frames
         driven by speech-like audio. Call before ``start`` (it uses the renderer directly)."""
@@ -152,7 +172,9 @@ class FrameWorker:
             self._streams = streams
         for stream in streams:
             stream.apply_inputs()
-        plan = self.scheduler.schedule([s.snapshot() for s in streams], time.monotonic())
+        snapshots = [s.snapshot() for s in streams]
+        self.queue_depth = sum(s.ready for s in snapshots)
+        plan = self.scheduler.schedule(snapshots, time.monotonic())
         for i in plan.finish:
             streams[i].finish()
         for i in plan.idle:
@@ -189,3 +211,6 @@ class FrameWorker:
         self.frames_rendered += len(images)
         self.batches += 1
         self._rate.record(len(images), time.monotonic())
+        with self._lock:
+            if len(self._batch_sizes) < 4096:  # (drained about once a second by the metrics)
+                self._batch_sizes.append(len(images))

@@ -9,7 +9,8 @@ import logging
 import time
 
 from inference.engine import FPS
-from inference.pool import EngineConfig, EnginePool
+from inference.pool import EngineConfig, EnginePool, open_engine
+from inference.procs.process_pool import ProcessEnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.memory import MemoryAdmissionStore
 from stream_server.admission.policy import AdmissionPolicy
@@ -38,6 +39,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         device=engine.device,
         dtype=engine.dtype,
         workers=engine.workers,
+        process_mode=engine.process_mode,
         max_batch=engine.max_batch,
         avatar_cache=engine.avatar_cache,
         data_dir=settings.server.data_dir,
@@ -47,7 +49,7 @@ def engine_config(settings: Settings) -> EngineConfig:
 class Node:
     """Constructed on the loop without blocking; ``start`` loads the engine in a thread."""
 
-    def __init__(self, settings: Settings, *, engine: EnginePool | None = None) -> None:
+    def __init__(self, settings: Settings, *, engine: EnginePool | ProcessEnginePool | None = None) -> None:
         settings.check()
         self.settings = settings
         self.metrics = Metrics()
@@ -66,12 +68,13 @@ class Node:
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
         self.metrics.loop_lag_p99.set_function(lambda: self.loop_lag.percentile(0.99))
         self.ready = False
+        self._measured_fps = 0.0
         self._services: SessionServices | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.slots_total.set(settings.engine.slots)
 
     @property
-    def engine(self) -> EnginePool:
+    def engine(self) -> EnginePool | ProcessEnginePool:
         if self._engine is None:
             raise RuntimeError("the node has not started: no engine yet")
         return self._engine
@@ -80,11 +83,13 @@ class Node:
 
     async def start(self) -> None:
         if self._engine is None:
-            self._engine = await asyncio.to_thread(EnginePool, engine_config(self.settings))
+            self._engine = await asyncio.to_thread(open_engine, engine_config(self.settings))
         engine = self._engine
         default = await asyncio.to_thread(engine.avatars.ensure_default)
         if self.settings.engine.slots == 0:
             await self._calibrate_slots(default.id)
+        loop = asyncio.get_running_loop()
+        engine.on_capacity = lambda: loop.call_soon_threadsafe(self._capacity_changed)
         engine.start()
         self._services = SessionServices(
             settings=self.settings,
@@ -104,6 +109,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
+            asyncio.create_task(self._report_workers(), name="worker-metrics"),
         ]
         self.ready = True
 
@@ -124,11 +130,36 @@ class Node:
         if avatar is None:
             raise RuntimeError(f"the default avatar {avatar_id!r} could not be loaded")
         fps = await asyncio.to_thread(self.engine.measure_capacity, avatar)
-        engine = self.settings.engine
-        slots = max(1, min(engine.max_slots, int(fps * engine.capacity_headroom / FPS)))
+        self._measured_fps = fps
+        slots = self._slots_for(fps)
         log.info("measured %.0f frames/s: admitting %d sessions at once", fps, slots)
+        await self._set_slots(slots)
+
+    def _slots_for(self, fps: float) -> int:
+        engine = self.settings.engine
+        return max(1, min(engine.max_slots, int(fps * engine.capacity_headroom / FPS)))
+
+    async def _set_slots(self, slots: int) -> None:
         await self.admission.set_slots(slots)
         self.metrics.slots_total.set(slots)
+
+    def _capacity_changed(self) -> None:
+        """A worker process went down or came back: admit for the workers that are up (with
+        ``engine.slots`` fixed, that share of it; no worker up: no new grants)."""
+        engine = self.engine
+        if self._measured_fps > 0:
+            capacity = engine.capacity()
+            slots = self._slots_for(capacity) if capacity > 0 else 0
+        else:
+            up = sum(1 for _, _, is_up, _ in engine.worker_stats() if is_up)
+            slots = self.settings.engine.slots * up // max(1, len(engine.workers))
+        log.info("worker capacity changed: admitting %d sessions at once", slots)
+        self._tasks.append(asyncio.create_task(self._set_slots(slots), name="set-slots"))
+
+    async def _report_workers(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.report_workers(self.engine.worker_stats())
 
     def session(self, outbox: Outbox, address: str) -> Session:
         """A session for a socket that was just accepted."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from inference.engine import FPS
 from inference.pool import EnginePool
+from inference.procs.messages import EncodeOptions
+from inference.procs.process_pool import ProcessEnginePool
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.clips import ClipStore, clip_key
 from stream_server.metrics import Metrics
@@ -38,7 +40,7 @@ def done_message(frames: int, clip: str | None, *, time_limit_s: float | None = 
 @dataclass(frozen=True)
 class Serving:
     settings: Settings
-    engine: EnginePool
+    engine: EnginePool | ProcessEnginePool
     clips: ClipStore
     metrics: Metrics
 
@@ -121,12 +123,17 @@ class Serving:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"avatar {request.start.avatar!r} is gone")
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
+        options: dict[str, object] = {}
+        if self.engine.encodes_in_workers and request.offer is None:
+            s = self.settings.stream
+            options["encode"] = EncodeOptions(s.segment_s, s.video_crf, s.x264_preset, s.audio_bitrate)
         stream = self.engine.open_stream(
             avatar,
             StreamMode(request.start.mode),
             buffer_frames=self.settings.engine.stream_buffer_frames,
             # the WebRTC sender waits on the loop; the MSE encoder waits in its own thread
             on_output=(lambda: loop.call_soon_threadsafe(ready.set)) if request.offer is not None else None,
+            **options,  # type: ignore[arg-type]
         )
         request.stream = stream
         request.status = RequestStatus.STREAMING

@@ -5,6 +5,8 @@ segment as one binary message, then media segments as they are cut.
 
 The encoder thread takes frames from the engine stream itself (``EngineStream.wait_frames``),
 encodes them and keeps the stored clip; only encoded segments and frame counts reach the event loop.
+In process mode (``engine.process_mode = "process"``) the worker process encodes, and this thread
+only relays its segments (``RemoteStream.wait_segments``), acknowledging each batch it handed on.
 The thread waits until the loop has put each batch of segments into the outbox, and the outbox
 waits for room while a slow client has too much media unread: so the encoder stops, the engine
 stream's own buffer fills and its worker stops rendering for this session, and no other session.
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.engine import FPS
+from inference.procs.remote_stream import RemoteStream
 from inference.stream import EngineStream, StreamState
 from stream_server.clips import ClipWriter
 from stream_server.outbox import Outbox
@@ -97,7 +100,7 @@ class MseSender:
 
     def __init__(
         self,
-        stream: EngineStream,
+        stream: EngineStream | RemoteStream,
         outbox: Outbox,
         settings: StreamSettings,
         *,
@@ -167,9 +170,28 @@ class MseSender:
             log.debug("encoder of a stream outlived its event loop")
 
     def _encode_stream(self, loop: asyncio.AbstractEventLoop) -> Path | None:
-        """Encode every frame of the stream; returns the stored clip once the stream finished
-        (``None`` when it did not, or when there is no clip to keep)."""
-        width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
+        """Encode (or, in process mode, relay the worker's segments of) every frame of the
+        stream; returns the stored clip once the stream finished (``None`` when it did not, or
+        when there is no clip to keep)."""
+        writer = _SegmentWriter(self.open_clip)
+        try:
+            if isinstance(self.stream, RemoteStream):
+                self._relay_segments(loop, self.stream, writer)
+            else:
+                self._encode_frames(loop, self.stream, writer)
+            if self.stream.state is not StreamState.FINISHED or writer.clip is None or writer.init is None:
+                return None
+            init = writer.init
+            meta = {"mime": init.mime, "width": init.width, "height": init.height, "fps": FPS,
+                    "frames": writer.frames}
+            return writer.commit(meta)
+        except (SenderStopped, concurrent.futures.CancelledError):
+            return None
+        finally:
+            writer.abandon()
+
+    def _encode_frames(self, loop: asyncio.AbstractEventLoop, stream: EngineStream, writer: _SegmentWriter) -> None:
+        width, height = stream.avatar.info.width, stream.avatar.info.height
         settings = self.settings
         muxer = FragmentedMp4Muxer(
             width,
@@ -181,27 +203,27 @@ class MseSender:
             audio_bitrate=settings.audio_bitrate,
             threads=1,
         )
-        writer = _SegmentWriter(muxer, self.open_clip)
         try:
             unsent = 0
-            while frames := self.stream.wait_frames():
-                segments = writer.keep(muxer.encode(frames))
+            while frames := stream.wait_frames():
+                segments = writer.keep(muxer.encode(frames), _muxer_init(muxer))
                 unsent += len(frames)
                 if segments or unsent >= PROGRESS_EVERY_FRAMES:
                     self._hand_over(loop, writer.batch(segments, unsent))
                     unsent = 0
-            if self.stream.state is not StreamState.FINISHED:
-                return None
-            self._hand_over(loop, writer.batch(writer.keep(muxer.close()), unsent))
-            if writer.clip is None:
-                return None
-            meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height, "fps": FPS,
-                    "frames": writer.frames}
-            return writer.commit(meta)
-        except (SenderStopped, concurrent.futures.CancelledError):
-            return None
+            if stream.state is StreamState.FINISHED:
+                self._hand_over(loop, writer.batch(writer.keep(muxer.close(), _muxer_init(muxer)), unsent))
         finally:
-            writer.abandon()
+            muxer.close()
+
+    def _relay_segments(self, loop: asyncio.AbstractEventLoop, stream: RemoteStream, writer: _SegmentWriter) -> None:
+        """Process mode: the worker encoded; hand its segments on, one batch at a time."""
+        while (batch := stream.wait_segments()) is not None:
+            init = None
+            if batch.init is not None:
+                init = InitSegment(batch.init, batch.mime, batch.width, batch.height)
+            self._hand_over(loop, writer.batch(writer.keep(batch.segments, lambda: init), batch.frames))
+            stream.ack()
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop, batch: EncodedBatch) -> None:
         """Give the loop a batch and wait until it is in the outbox (the backpressure)."""
@@ -218,26 +240,35 @@ def _settle(future: asyncio.Future[Path | None], outcome: Path | BaseException |
         future.set_result(outcome)
 
 
+def _muxer_init(muxer: FragmentedMp4Muxer) -> Callable[[], InitSegment | None]:
+    def init() -> InitSegment | None:
+        data = muxer.init_segment
+        return None if data is None else InitSegment(data, muxer.mime, muxer.width, muxer.height)
+
+    return init
+
+
 class _SegmentWriter:
     """Encoder-thread state: the init segment owed to the client, and the stored clip (opened
     with the first segment, committed at the end, discarded otherwise)."""
 
-    def __init__(self, muxer: FragmentedMp4Muxer, open_clip: Callable[[], ClipWriter | None]) -> None:
-        self.muxer = muxer
+    def __init__(self, open_clip: Callable[[], ClipWriter | None]) -> None:
         self.open_clip = open_clip
         self.clip: ClipWriter | None = None
+        self.init: InitSegment | None = None
         self.frames = 0
-        self._started = False
         self._init_owed = True
         self._committed = False
 
-    def keep(self, segments: list[bytes]) -> list[bytes]:
-        if segments and not self._started:
-            self._started = True
+    def keep(self, segments: list[bytes], init: Callable[[], InitSegment | None]) -> list[bytes]:
+        """Store ``segments``; ``init`` gives the init segment, known once the first one is cut."""
+        if segments and self.init is None:
+            self.init = init()
+            if self.init is None:
+                raise RuntimeError("media segments came before the init segment")
             self.clip = self.open_clip()
             if self.clip is not None:
-                assert self.muxer.init_segment is not None
-                self.clip.write(self.muxer.init_segment)
+                self.clip.write(self.init.data)
         if self.clip is not None:
             for seg in segments:
                 self.clip.write(seg)
@@ -248,9 +279,7 @@ class _SegmentWriter:
         init = None
         if segments and self._init_owed:
             self._init_owed = False
-            muxer = self.muxer
-            assert muxer.init_segment is not None
-            init = InitSegment(muxer.init_segment, muxer.mime, muxer.width, muxer.height)
+            init = self.init
         return EncodedBatch(segments, frames, init)
 
     def commit(self, meta: dict[str, object]) -> Path:
@@ -261,7 +290,6 @@ class _SegmentWriter:
         return path
 
     def abandon(self) -> None:
-        self.muxer.close()
         if self.clip is not None and not self._committed:
             self.clip.discard()
 

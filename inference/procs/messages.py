@@ -1,0 +1,136 @@
+"""The messages between the server process and a worker process (small, pickled once each).
+
+Arrays never travel in them: audio goes as float32 bytes, frames stay in a ``FrameRing``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference.engine import AvatarInfo
+
+# ----- server -> worker -----
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How a worker cuts a stream into fMP4 (``stream.*`` settings)."""
+
+    segment_s: float
+    crf: int
+    preset: str
+    audio_bitrate: int
+
+
+@dataclass(frozen=True)
+class OpenStream:
+    stream_id: int
+    avatar_key: str
+    """The avatar's id and revision: a worker keeps a loaded avatar per key."""
+    avatar_dir: Path
+    mode: str
+    buffer_frames: int
+    started_at: float
+    encode: EncodeOptions | None
+    """fMP4 segments come back (MSE); ``None``: raw frames through ``ring`` (WebRTC)."""
+    ring: str | None = None
+    ring_slots: int = 0
+
+
+@dataclass(frozen=True)
+class StreamInput:
+    stream_id: int
+    kind: str
+    """"audio", "end", "interrupt" or "cancel"."""
+    f16: bytes = b""
+    f48: bytes = b""
+
+
+@dataclass(frozen=True)
+class Credit:
+    """The server forwarded one segment batch (MSE), or released a ring slot (frames)."""
+
+    stream_id: int
+    slot: int = -1
+
+
+@dataclass(frozen=True)
+class Call:
+    """An avatar operation run on a worker thread (preparation at low priority)."""
+
+    call_id: int
+    method: str
+    args: tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class Preload:
+    avatars: tuple[tuple[str, Path], ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ----- worker -> server -----
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+    renderer: str
+    preparation_version: str
+    avatar_files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Segments:
+    stream_id: int
+    segments: list[bytes]
+    frames: int
+    init: bytes | None = None
+    mime: str = ""
+    width: int = 0
+    height: int = 0
+
+
+@dataclass(frozen=True)
+class FramesReady:
+    """Frames written into ring slots, in order: (slot, index, speech) each."""
+
+    stream_id: int
+    frames: list[tuple[int, int, bool]]
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    stream_id: int
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    call_id: int
+    result: object = None
+    error: str | None = None
+    error_type: str = ""
+
+
+@dataclass(frozen=True)
+class Stats:
+    """About once a second: what the node's per-worker metrics show."""
+
+    frames_per_second: float
+    streams: int
+    queue_depth: int
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AvatarLoaded:
+    """``load_avatar_dir``'s answer: the info, or why the folder cannot be served."""
+
+    info: AvatarInfo | None
+    problem: str | None

@@ -1,0 +1,240 @@
+"""The server's handle on one worker process: spawning it, talking to it, and supervising it.
+
+A reader thread receives everything the worker sends. When the process dies its pipe closes at
+once (the server holds no copy of the child's end), so the reader notices within milliseconds:
+the worker's streams fail with ``WorkerDied``, its calls fail, it leaves the pool's capacity, and
+it is spawned again with the avatars it had loaded."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from inference.pool import EngineConfig
+from inference.procs.messages import Call, Preload, Ready, Reply, Shutdown, Stats, StreamEnded
+from inference.procs.remote_stream import RemoteStream, WorkerDied
+from inference.procs.worker_process import worker_main
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 5.0
+_call_ids = itertools.count(1)
+
+
+class WorkerHandle:
+    def __init__(
+        self, index: int, config: EngineConfig, kind: str, device: str, on_change: Callable[[], None]
+    ) -> None:
+        self.index = index
+        self.name = f"worker-{index}"
+        self.config = config
+        self.kind = kind
+        self.device = device
+        self.on_change = on_change
+        self.restarts = 0
+        self.capacity = 0.0
+        """Frames a second this worker sustains (measured once, kept across restarts)."""
+        self.up = False
+        self.ready: Ready | None = None
+        self.stats = Stats(0.0, 0, 0)
+        self._batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._streams: dict[int, RemoteStream] = {}
+        self._calls: dict[int, concurrent.futures.Future[object]] = {}
+        self._avatars: dict[str, Path] = {}
+        self._stopping = False
+        self._process: BaseProcess | None = None
+        self._conn: Connection | None = None
+
+    # ----- lifecycle -----
+
+    def start(self) -> None:
+        """Spawn the process and wait until its renderer is loaded."""
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=worker_main, args=(child, self.config, self.kind, self.device, self.name),
+            name=f"mts-{self.name}", daemon=True,
+        )
+        process.start()
+        child.close()  # only the child holds its end: its death closes the pipe
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not parent.poll(0.2):
+            if not process.is_alive() or time.monotonic() > deadline:
+                process.kill()
+                process.join()
+                parent.close()
+                raise RuntimeError(f"{self.name} did not start (exit code {process.exitcode})")
+        ready = parent.recv()
+        if not isinstance(ready, Ready):
+            raise RuntimeError(f"{self.name} said {type(ready).__name__} before it was ready")
+        with self._lock:
+            self._process, self._conn, self.ready = process, parent, ready
+            self.up = True
+            if self._avatars:
+                self._send_locked(Preload(tuple(self._avatars.items())))
+        threading.Thread(target=self._read, args=(parent, process), name=f"{self.name}-reader", daemon=True).start()
+        log.info("%s started: pid %d, the %s engine on %s", self.name, ready.pid, ready.renderer, self.device)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            process, conn = self._process, self._conn
+        if process is None or conn is None:
+            return
+        try:
+            self.send(Shutdown())
+        except WorkerDied:
+            pass
+        process.join(STOP_TIMEOUT_S)
+        if process.is_alive():
+            log.warning("%s did not stop within %.0f s: killing it", self.name, STOP_TIMEOUT_S)
+            process.kill()
+            process.join()
+        conn.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # ----- talking to it -----
+
+    def send(self, message: object) -> None:
+        with self._lock:
+            self._send_locked(message)
+
+    def _send_locked(self, message: object) -> None:
+        if not self.up or self._conn is None:
+            raise WorkerDied(f"{self.name} is down")
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError) as exc:
+            raise WorkerDied(f"{self.name}: {exc}") from exc
+
+    def call(self, method: str, *args: object) -> concurrent.futures.Future[object]:
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        call_id = next(_call_ids)
+        with self._lock:
+            self._calls[call_id] = future
+        try:
+            self.send(Call(call_id, method, args))
+        except WorkerDied as exc:
+            with self._lock:
+                self._calls.pop(call_id, None)
+            future.set_exception(exc)
+        return future
+
+    def add_stream(self, stream: RemoteStream, avatar_key: str, avatar_dir: Path, open_message: object) -> None:
+        with self._lock:
+            self._streams[stream.stream_id] = stream
+            self._avatars[avatar_key] = avatar_dir
+            while len(self._avatars) > max(1, self.config.avatar_cache):
+                del self._avatars[next(iter(self._avatars))]
+            try:
+                self._send_locked(open_message)
+            except WorkerDied:
+                del self._streams[stream.stream_id]
+                raise
+
+    @property
+    def active_streams(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def drain_batch_sizes(self) -> list[int]:
+        with self._lock:
+            sizes, self._batch_sizes = self._batch_sizes, []
+            return sizes
+
+    # ----- the reader thread -----
+
+    def _read(self, conn: Connection, process: BaseProcess) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            self._dispatch(message)
+        self._down(process)
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, Reply):
+            with self._lock:
+                future = self._calls.pop(message.call_id, None)
+            if future is not None:
+                if message.error is None:
+                    future.set_result(message.result)
+                else:
+                    future.set_exception(_call_error(message))
+            return
+        if isinstance(message, Stats):
+            with self._lock:
+                self.stats = message
+                if len(self._batch_sizes) < 65536:
+                    self._batch_sizes.extend(message.batch_sizes)
+            return
+        stream_id = getattr(message, "stream_id", None)
+        with self._lock:
+            stream = self._streams.get(stream_id) if isinstance(stream_id, int) else None
+            if stream is not None and isinstance(message, StreamEnded):
+                del self._streams[stream.stream_id]
+        if stream is None:
+            log.debug("%s: %s for a stream that is gone", self.name, type(message).__name__)
+            return
+        stream.on_message(message)
+
+    def _down(self, process: BaseProcess) -> None:
+        """The pipe closed: the worker has ended (stopped, or died)."""
+        process.join(STOP_TIMEOUT_S)
+        with self._lock:
+            self.up = False
+            stopping = self._stopping
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls.values()), {}
+            self.stats = Stats(0.0, 0, 0)
+        if stopping:
+            for stream in streams:
+                stream.fail(WorkerDied(f"{self.name} stopped"))
+            return
+        error = WorkerDied(f"{self.name} (pid {process.pid}) died with exit code {process.exitcode}")
+        log.error("%s; failing its %d stream(s) and starting it again", error, len(streams))
+        for stream in streams:
+            stream.fail(error)
+        for future in calls:
+            future.set_exception(error)
+        self.on_change()
+        self._restart()
+
+    def _restart(self) -> None:
+        delay = 0.5
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+            try:
+                self.start()
+            except Exception:
+                log.exception("%s could not be started again; retrying in %.1f s", self.name, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.restarts += 1
+            self.on_change()
+            return
+
+
+def _call_error(reply: Reply) -> Exception:
+    """The worker's exception, as the type callers catch (``ValueError`` for a bad source)."""
+    kinds: dict[str, type[Exception]] = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}
+    return kinds.get(reply.error_type, RuntimeError)(reply.error)
