@@ -168,33 +168,28 @@ async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningS
     wait_for(lambda: not (shm_entries() - before), "the ring is unlinked", server)
 
 
-def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: Path) -> None:
+async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: Path) -> None:
     before = shm_entries()
     with run_server(tmp_path, MTS_ENGINE__SLOTS="2", **PROCESS_MODE) as running:
-        wait_for(lambda: len(worker_pids(running)) == 2, "two worker processes", running)
+        await asyncio.to_thread(wait_for, lambda: len(worker_pids(running)) == 2, "two worker processes", running)
         family = children(running.process.pid)
-        client_done = asyncio.run(_webrtc_mid_stream(running))
-        assert client_done
+        client = await Client.connect(running)
+        await client.hello(mint("term", "normal"))
+        await client.send("start", avatar="astronaut", mode="live", transport="webrtc",
+                          audio={"format": "pcm_s16le"})
+        await client.expect("granted")
+        pc, video, _, tasks = await negotiate(client)
+        for _ in range(100):
+            if len(video) >= 5:
+                break
+            await asyncio.sleep(0.1)
+        assert len(video) >= 5 and len(shm_entries() - before) == 1, "mid-stream, its ring exists"
         running.process.send_signal(signal.SIGTERM)
-        assert running.process.wait(30) == 0, running.log()[-3000:]
+        await asyncio.to_thread(running.process.wait, 30)  # (uvicorn re-raises SIGTERM once shut down)
+        await pc.close()
+        for task in tasks:
+            task.cancel()
+        await client.close()
+        assert "Application shutdown complete" in running.log(), running.log()[-3000:]
     assert not [p for p in family if alive(p)], "no orphan processes"
     assert shm_entries() == before, "no leaked shared-memory segments"
-
-
-async def _webrtc_mid_stream(server: RunningServer) -> bool:
-    client = await Client.connect(server)
-    await client.hello(mint("term", "normal"))
-    await client.send("start", avatar="astronaut", mode="live", transport="webrtc", audio={"format": "pcm_s16le"})
-    await client.expect("granted")
-    pc, video, _, tasks = await negotiate(client)
-    for _ in range(100):
-        if len(video) >= 5:
-            break
-        await asyncio.sleep(0.1)
-    # the server goes down while this stream's ring exists
-    pc_tasks = tasks
-    await pc.close()
-    for task in pc_tasks:
-        task.cancel()
-    await client.ws.close()
-    return len(video) >= 5
