@@ -143,7 +143,7 @@ class EnginePool:
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
-        self.on_capacity: Callable[[], None] = lambda: None
+        self.on_capacity: Callable[[], object] = lambda: None
         """Never called: threads do not die on their own."""
         renderers = renderers or build_renderers(config)
         self.name = renderers[0].name

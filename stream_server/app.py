@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from inference.avatars.layout import InvalidAvatarId, validate_avatar_id
 from inference.pool import EnginePool
+from inference.procs.process_pool import ProcessEnginePool
 from stream_server.avatar_upload import UploadRefused, receive_avatar_upload
 from stream_server.hello_deadline import HelloDeadline
 from stream_server.node import Node
@@ -308,7 +309,7 @@ class StreamServerApp:
     """The Starlette app for HTTP, with the session socket dispatched before its middleware stack:
     a waiting client then holds only the frames it needs, which keeps memory per client small."""
 
-    def __init__(self, settings: Settings, engine: EnginePool | None) -> None:
+    def __init__(self, settings: Settings, engine: EnginePool | ProcessEnginePool | None) -> None:
         self.settings = settings
         self.node: Node | None = None
 
@@ -348,5 +349,7 @@ class StreamServerApp:
         await self.http(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, engine: EnginePool | None = None) -> StreamServerApp:
+def create_app(
+    settings: Settings | None = None, *, engine: EnginePool | ProcessEnginePool | None = None
+) -> StreamServerApp:
     return StreamServerApp(settings or Settings(), engine)

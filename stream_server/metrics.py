@@ -45,8 +45,12 @@ class Metrics:
         self.worker_batch_size = Histogram(
             "mts_worker_batch_size", "Frames per render call, per worker", ["worker"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.worker_restarts = Counter("mts_worker_restarts_total", "Worker processes restarted", ["worker"], registry=r)
-        self.worker_up = Gauge("mts_worker_up", "1 while the worker is running, 0 while it is down", ["worker"], registry=r)
+        self.worker_restarts = Counter(
+            "mts_worker_restarts_total", "Worker processes restarted", ["worker"], registry=r
+        )
+        self.worker_up = Gauge(
+            "mts_worker_up", "1 while the worker is running, 0 while it is down", ["worker"], registry=r
+        )
         self.service = Histogram(
             "mts_service_seconds", "How long a granted session held its slot", ["mode"],
             buckets=WAIT_BUCKETS, registry=r,

@@ -11,7 +11,6 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from inference.avatars.store import AvatarStore
 from inference.engine import PreparedAvatar
@@ -38,7 +37,7 @@ class ProcessEnginePool:
         kind = choose_kind(config)
         workers = max(1, config.workers)
         devices = worker_devices(config.device, workers) if kind == "musetalk" else ["cpu"] * workers
-        self.on_capacity: Callable[[], None] = lambda: None
+        self.on_capacity: Callable[[], object] = lambda: None
         self.workers = [WorkerHandle(i, config, kind, d, self._capacity_changed) for i, d in enumerate(devices)]
         self._stream_ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -72,7 +71,7 @@ class ProcessEnginePool:
         mode: StreamMode,
         *,
         buffer_frames: int = 50,
-        on_output: Callable[[], None] | None = None,
+        on_output: Callable[[], object] | None = None,
         encode: EncodeOptions | None = None,
     ) -> RemoteStream:
         """A stream on the least loaded worker that is up: encoded to fMP4 there (``encode``), or

@@ -7,6 +7,7 @@ stream's ``FrameRing``, copied out when taken and handed back at once."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -33,7 +34,7 @@ class RemoteStream:
         send: Callable[[object], None],
         *,
         ring: FrameRing | None,
-        on_output: Callable[[], None] | None,
+        on_output: Callable[[], object] | None,
     ) -> None:
         self.stream_id = stream_id
         self.avatar = avatar
@@ -78,10 +79,9 @@ class RemoteStream:
 
     def _input(self, message: StreamInput, *, force: bool = False) -> None:
         if self.state is StreamState.RUNNING or force:
-            try:
+            # (a dead worker has failed the stream already: that is what its consumer sees)
+            with contextlib.suppress(WorkerDied):
                 self._send(message)
-            except WorkerDied:
-                pass  # the stream has failed already (``fail``), which is what its consumer sees
 
     # ----- outputs: frames (WebRTC) -----
 
@@ -111,10 +111,8 @@ class RemoteStream:
 
     def _credit(self, slot: int) -> None:
         if not self._ended:
-            try:
+            with contextlib.suppress(WorkerDied):
                 self._send(Credit(self.stream_id, slot))
-            except WorkerDied:
-                pass
 
     @property
     def buffered(self) -> int:

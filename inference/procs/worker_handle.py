@@ -8,6 +8,7 @@ it is spawned again with the avatars it had loaded."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -92,10 +93,8 @@ class WorkerHandle:
             process, conn = self._process, self._conn
         if process is None or conn is None:
             return
-        try:
+        with contextlib.suppress(WorkerDied):  # (then it is ending already)
             self.send(Shutdown())
-        except WorkerDied:
-            pass
         process.join(STOP_TIMEOUT_S)
         if process.is_alive():
             log.warning("%s did not stop within %.0f s: killing it", self.name, STOP_TIMEOUT_S)

@@ -290,7 +290,8 @@ class WorkerProcess:
             directory = Path(str(message.args[0]))
             loaded = self.renderer.load_avatar_dir(directory)
             if loaded is None:
-                return AvatarLoaded(None, self.renderer.avatar_problem(directory) or "damaged (its files cannot be read)")
+                problem = self.renderer.avatar_problem(directory) or "damaged (its files cannot be read)"
+                return AvatarLoaded(None, problem)
             return AvatarLoaded(loaded.info, None)
         if message.method == "recorded_version":
             return self.renderer.recorded_version(Path(str(message.args[0])))

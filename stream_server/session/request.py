@@ -6,6 +6,7 @@ import asyncio
 import enum
 from dataclasses import dataclass
 
+from inference.procs.remote_stream import RemoteStream
 from inference.stream import EngineStream
 from stream_server.audio_input import AudioInput, Pcm
 from stream_server.protocol import ErrorCode, JsonId, Start
@@ -63,7 +64,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     frames_total: int | None = None
     clip_key: str | None = None
-    stream: EngineStream | None = None
+    stream: EngineStream | RemoteStream | None = None
     task: asyncio.Task[None] | None = None
     granted_at: float = 0.0
     media_started: bool = False

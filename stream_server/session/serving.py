@@ -10,6 +10,7 @@ from inference.engine import FPS
 from inference.pool import EnginePool
 from inference.procs.messages import EncodeOptions
 from inference.procs.process_pool import ProcessEnginePool
+from inference.procs.remote_stream import RemoteStream
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.clips import ClipStore, clip_key
 from stream_server.metrics import Metrics
@@ -158,7 +159,7 @@ class Serving:
             stream.cancel()
 
     async def _serve_webrtc(
-        self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox
+        self, request: Request, stream: EngineStream | RemoteStream, ready: asyncio.Event, outbox: Outbox
     ) -> StreamResult:
         """Wait for the client's offer, answer it, then pace the stream into the peer connection."""
         assert request.offer is not None

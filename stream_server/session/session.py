@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from inference.engine import FPS
 from inference.pool import EnginePool
+from inference.procs.process_pool import ProcessEnginePool
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull
 from stream_server.admission.store import Grant
@@ -54,7 +55,7 @@ class SessionServices:
 
     settings: Settings
     auth: Authenticator
-    engine: EnginePool
+    engine: EnginePool | ProcessEnginePool
     admission: Admission[RequestOwner]
     dispatcher: Dispatcher[RequestOwner]
     serving: Serving

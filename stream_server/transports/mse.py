@@ -218,11 +218,12 @@ class MseSender:
 
     def _relay_segments(self, loop: asyncio.AbstractEventLoop, stream: RemoteStream, writer: _SegmentWriter) -> None:
         """Process mode: the worker encoded; hand its segments on, one batch at a time."""
+        init: InitSegment | None = None
         while (batch := stream.wait_segments()) is not None:
-            init = None
             if batch.init is not None:
                 init = InitSegment(batch.init, batch.mime, batch.width, batch.height)
-            self._hand_over(loop, writer.batch(writer.keep(batch.segments, lambda: init), batch.frames))
+            kept = writer.keep(batch.segments, lambda known=init: known)  # type: ignore[misc]
+            self._hand_over(loop, writer.batch(kept, batch.frames))
             stream.ack()
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop, batch: EncodedBatch) -> None:

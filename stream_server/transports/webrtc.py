@@ -50,6 +50,7 @@ from aiortc.sdp import SessionDescription
 from av import AudioFrame, VideoFrame
 
 from inference.engine import FPS, OUTPUT_SAMPLE_RATE, OUTPUT_SAMPLES_PER_FRAME, Frame
+from inference.procs.remote_stream import RemoteStream
 from inference.stream import EngineStream, StreamMode, StreamState
 from stream_server.transports.mse import StreamResult
 
@@ -275,7 +276,7 @@ class WebRtcSender:
 
     def __init__(
         self,
-        stream: EngineStream,
+        stream: EngineStream | RemoteStream,
         ready: asyncio.Event,
         ice_servers: Sequence[Mapping[str, Any]] | None = None,
         *,
