@@ -178,7 +178,17 @@ def main() -> None:
     }
     result.update(cores_per_stream("superfast"))
     result["runs"] = [asyncio.run(run(args.streams, args.seconds, mode, args.workers)) for mode in args.modes]
-    print(json.dumps(result, indent=2, default=lambda v: round(v, 2)))
+    print(json.dumps(_rounded(result), indent=2))
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":
