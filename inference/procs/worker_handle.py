@@ -80,6 +80,11 @@ class WorkerHandle:
         if not isinstance(ready, Ready):
             raise RuntimeError(f"{self.name} said {type(ready).__name__} before it was ready")
         with self._lock:
+            if self._stopping:  # (stopped while it was starting again)
+                parent.send(Shutdown())
+                process.join(STOP_TIMEOUT_S)
+                parent.close()
+                return
             self._process, self._conn, self.ready = process, parent, ready
             self.up = True
             if self._avatars:
