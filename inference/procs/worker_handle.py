@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 5.0
 _call_ids = itertools.count(1)
+_END_OF_OUTPUT = object()
 
 
 class WorkerHandle:
@@ -49,7 +51,7 @@ class WorkerHandle:
         self.stats = Stats(0.0, 0, 0)
         self._batch_sizes: list[int] = []
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self._outgoing: queue.SimpleQueue[object] | None = None
         self._streams: dict[int, RemoteStream] = {}
         self._calls: dict[int, concurrent.futures.Future[object]] = {}
         self._avatars: dict[str, Path] = {}
@@ -86,10 +88,14 @@ class WorkerHandle:
                 parent.close()
                 return
             self._process, self._conn, self.ready = process, parent, ready
+            self._outgoing = queue.SimpleQueue()
             self.up = True
             if self._avatars:
                 self._send_locked(Preload(tuple(self._avatars.items())))
         threading.Thread(target=self._read, args=(parent, process), name=f"{self.name}-reader", daemon=True).start()
+        threading.Thread(
+            target=self._write, args=(parent, self._outgoing), name=f"{self.name}-writer", daemon=True
+        ).start()
         log.info("%s started: pid %d, the %s engine on %s", self.name, ready.pid, ready.renderer, self.device)
 
     def stop(self) -> None:
@@ -118,13 +124,18 @@ class WorkerHandle:
             self._send_locked(message)
 
     def _send_locked(self, message: object) -> None:
-        if not self.up or self._conn is None:
+        """Queue a message for the writer thread: a caller on the event loop never waits for the
+        worker to read a large one (a clip's audio) from the pipe."""
+        if not self.up or self._outgoing is None:
             raise WorkerDied(f"{self.name} is down")
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError) as exc:
-            raise WorkerDied(f"{self.name}: {exc}") from exc
+        self._outgoing.put(message)
+
+    def _write(self, conn: Connection, outgoing: queue.SimpleQueue[object]) -> None:
+        while (message := outgoing.get()) is not _END_OF_OUTPUT:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):  # the worker is gone: the reader sees it and fails its streams
+                return
 
     def call(self, method: str, *args: object) -> concurrent.futures.Future[object]:
         future: concurrent.futures.Future[object] = concurrent.futures.Future()
@@ -203,6 +214,9 @@ class WorkerHandle:
         process.join(STOP_TIMEOUT_S)
         with self._lock:
             self.up = False
+            if self._outgoing is not None:
+                self._outgoing.put(_END_OF_OUTPUT)
+                self._outgoing = None
             stopping = self._stopping
             streams, self._streams = list(self._streams.values()), {}
             calls, self._calls = list(self._calls.values()), {}

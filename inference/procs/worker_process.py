@@ -49,6 +49,9 @@ SEGMENT_BATCHES_IN_FLIGHT = 2
 STATS_EVERY_S = 1.0
 PROGRESS_EVERY_FRAMES = 12
 LOW_PRIORITY_NICE = 10
+WORKER_NICE = 5
+"""Rendering and encoding are throughput; the server's event loop is latency: where the cores
+are all busy, it gets them first."""
 
 
 class _Uplink:
@@ -325,6 +328,7 @@ def _apply(stream: EngineStream, message: StreamInput) -> None:
 def worker_main(conn: Connection, config: EngineConfig, kind: str, device: str, name: str) -> None:
     """The spawned process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers end
+    os.nice(WORKER_NICE)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     renderer = build_renderer(config, kind, device)

@@ -191,5 +191,10 @@ async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: P
             task.cancel()
         await client.close()
         assert "Application shutdown complete" in running.log(), running.log()[-3000:]
+    # (the resource tracker and the workers see the server's end of their pipes close, then exit)
+    for _ in range(100):
+        if not any(alive(p) for p in family):
+            break
+        await asyncio.sleep(0.1)
     assert not [p for p in family if alive(p)], "no orphan processes"
     assert shm_entries() == before, "no leaked shared-memory segments"
