@@ -140,6 +140,9 @@ async def test_a_killed_worker_fails_only_its_sessions_and_comes_back(server: Ru
     wait_for(lambda: metric(server, "mts_worker_up") == 2, "both workers up", server)
     after = worker_pids(server)
     assert len(after) == 2 and before[0] not in after and before[1] in after
+    # out of capacity while down (half of engine.slots = 4), back in once it runs again
+    changes = [line.rsplit("admitting ", 1)[1] for line in server.log().splitlines() if "capacity changed" in line]
+    assert changes[-2:] == ["2 sessions at once", "4 sessions at once"], changes
     wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slots come back", server)
     clients = await asyncio.gather(*(run_clip(server, f"again-{i}", "astronaut", 1.0) for i in range(2)))
     for client in clients:
