@@ -27,6 +27,7 @@ import numpy as np
 
 from inference.avatars.jobs import Progress
 from inference.avatars.layout import AvatarLayout, FaceBox, replace_dir, stage_dir
+from inference.face import FaceReport
 
 FPS = 25
 FEATURE_SAMPLE_RATE = 16_000
@@ -52,6 +53,12 @@ class PreparedAvatar(ABC):
     """An avatar after its one-time preparation; immutable and shared by all sessions using it."""
 
     info: AvatarInfo
+
+    @property
+    def face_report(self) -> FaceReport | None:
+        """How faces were found over its frames (shown with its preparation job); ``None`` when
+        the engine does not look for faces or the avatar was prepared before this was kept."""
+        return None
 
     @property
     def cycle_length(self) -> int:

@@ -299,6 +299,8 @@ def job_view(job: PreparationJob) -> dict[str, object]:
         view["finished_at"] = job.finished_at
     if job.reason is not None:
         view["reason"] = job.reason
+    if job.faces is not None:
+        view["faces"] = job.faces.to_json()
     return view
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -66,6 +67,7 @@ def test_an_upload_is_a_job_that_ends_ready_and_streams(server: RunningServer) -
     view, seen = wait_finished(server, "astro2")
     assert view["status"] == "ready", view
     assert view["frames"] == 1 and view["width"] > 0 and view["job"]["progress"] == 1.0
+    assert view["job"]["faces"] == {"frames": 1, "no_face": 0, "fallback": 0, "method": "haar"}
     assert seen == sorted(seen)  # progress never goes back
     assert any(a["id"] == "astro2" and a["ready"] for a in server.get("/v1/avatars").json())
 
@@ -92,6 +94,29 @@ def test_an_upload_is_a_job_that_ends_ready_and_streams(server: RunningServer) -
     assert server.get(clip).status_code == 404
     assert not any(a["id"] == "astro2" for a in server.get("/v1/avatars").json())
     assert httpx.delete(f"{server.url}/v1/avatars/astro2", headers=admin()).status_code == 404
+
+
+def mp4(frames: list[np.ndarray]) -> bytes:
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for image in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    return out.getvalue()
+
+
+def test_the_job_says_how_many_frames_had_no_face(server: RunningServer) -> None:
+    """A video whose frames 5..8 are blank: the avatar is prepared, and its job counts them."""
+    base = np.asarray(Image.open(ASTRONAUT).convert("RGB"))
+    frames = [np.full_like(base, 90) if 5 <= i <= 8 else np.roll(base, 10 * i, axis=1) for i in range(24)]
+    assert upload(server, "gaps", mp4(frames), "video/mp4").status_code == 202
+    view, _ = wait_finished(server, "gaps")
+    assert view["status"] == "ready", view
+    faces = view["job"]["faces"]
+    assert (faces["frames"], faces["no_face"], faces["method"]) == (24, 4, "haar")
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from inference.face import FaceReport
+
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: a preparation's steps done so far (frames, for the engines)."""
 
@@ -44,6 +46,8 @@ class PreparationJob:
     total: int = 0
     started_at: float = dataclasses.field(default_factory=time.time)
     finished_at: float | None = None
+    faces: FaceReport | None = None
+    """How faces were found (a finished preparation of an engine that looks for faces)."""
 
     @property
     def id(self) -> str:
@@ -87,8 +91,8 @@ class PreparationJobs:
             if current is not None and current.serial == job.serial and current.status is JobStatus.PREPARING:
                 self._latest[job.avatar_id] = dataclasses.replace(current, done=done, total=total)
 
-    def succeed(self, job: PreparationJob) -> PreparationJob:
-        return self._finish(job, JobStatus.READY, None)
+    def succeed(self, job: PreparationJob, faces: FaceReport | None = None) -> PreparationJob:
+        return self._finish(job, JobStatus.READY, None, faces)
 
     def fail(self, job: PreparationJob, reason: str) -> PreparationJob:
         return self._finish(job, JobStatus.FAILED, reason)
@@ -112,11 +116,13 @@ class PreparationJobs:
             if job is not None and job.status is not JobStatus.PREPARING:
                 del self._latest[avatar_id]
 
-    def _finish(self, job: PreparationJob, status: JobStatus, reason: str | None) -> PreparationJob:
+    def _finish(
+        self, job: PreparationJob, status: JobStatus, reason: str | None, faces: FaceReport | None = None
+    ) -> PreparationJob:
         with self._lock:
             current = self._latest.get(job.avatar_id)
             if current is None or current.serial != job.serial or current.status is not JobStatus.PREPARING:
                 raise RuntimeError(f"the preparation of {job.avatar_id!r} was finished twice")
-            done = dataclasses.replace(current, status=status, reason=reason, finished_at=time.time())
+            done = dataclasses.replace(current, status=status, reason=reason, faces=faces, finished_at=time.time())
             self._latest[job.avatar_id] = done
         return done

@@ -171,7 +171,7 @@ class AvatarStore:
         except BaseException as exc:
             self.jobs.fail(job, _reason(exc))
             raise
-        self.jobs.succeed(job)
+        self.jobs.succeed(job, avatar.face_report)
         self._last_used[avatar_id] = time.monotonic()
         self._enforce_disk_budget(keep=avatar_id)
         return dataclasses.replace(avatar.info, ready=True)
@@ -255,7 +255,7 @@ class AvatarStore:
         except BaseException as exc:
             self.jobs.fail(job, _reason(exc))
             raise
-        self.jobs.succeed(job)
+        self.jobs.succeed(job, avatar.face_report)
         return avatar
 
     def _prepare_engine_data(self, record: AvatarRecord) -> PreparedAvatar:

@@ -59,9 +59,12 @@ class MuseTalkAvatar(PreparedAvatar):
         self.source_frames = n
         self.info = AvatarInfo(id=avatar_id, name=name, frames=n, width=w, height=h, ready=True)
         self.has_face = np.array([b is not None for b in data.boxes], dtype=bool)
-        self.face_report = data.faces
         self.alphas = [a[..., None] if a is not None else None for a in data.alphas]
         self._latents: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @property
+    def face_report(self) -> FaceReport | None:
+        return self.data.faces
 
     def source_index(self, cycle_index: int) -> int:
         """The source frame at loop position ``cycle_index``: forward then backward, never a jump
