@@ -1,0 +1,6 @@
+"""Process mode: one supervised worker process per device, each rendering and encoding its streams.
+
+The server process keeps only handles (``ProcessEnginePool``, ``RemoteStream``): audio goes down a
+pipe, encoded fMP4 segments come back up it, and raw frames (for WebRTC) come back through a
+shared-memory ring that the server owns, so no frame array is ever pickled.
+"""
