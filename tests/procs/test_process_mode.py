@@ -1,5 +1,9 @@
 """``engine.process_mode = "process"``: real worker processes (spawned) render and encode; the
-server process relays bytes, supervises its workers and leaves nothing behind."""
+server process relays bytes, supervises its workers and leaves nothing behind.
+
+The process that encodes an MSE stream is the worker process that renders it (fMP4 is cut
+there, only segment bytes come back): "an encoder killed mid-stream" is that process killed while
+segments flow, and it is tested as such."""
 
 from __future__ import annotations
 
@@ -29,9 +33,33 @@ def children(pid: int) -> list[int]:
 
 
 def worker_pids(server: RunningServer) -> list[int]:
-    """The server's spawned worker processes, oldest (worker-0) first."""
+    """The server's spawned worker processes (the resource tracker is not spawned that way)."""
     pids = [p for p in children(server.process.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
     return sorted(pids)
+
+
+def worker_pid(server: RunningServer, name: str) -> int:
+    """The pid of the worker ``name`` (``worker-0``) runs as now, from the server's log."""
+    started = [line for line in server.log().splitlines() if f" {name} started: pid " in line]
+    assert started, server.log()[-3000:]
+    return int(started[-1].split(" started: pid ", 1)[1].split(",", 1)[0])
+
+
+def worker_metric(server: RunningServer, name: str) -> dict[str, float]:
+    """``name{worker="..."}`` of each worker."""
+    values = {}
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(name + '{worker="'):
+            values[line.split('"')[1]] = float(line.split()[-1])
+    return values
+
+
+def slot_changes(server: RunningServer) -> list[str]:
+    return [line.rsplit("admitting ", 1)[1] for line in server.log().splitlines() if "capacity changed" in line]
+
+
+def clip_files(server: RunningServer) -> set[Path]:
+    return set((server.data_dir / "clips").rglob("*.mp4"))
 
 
 def alive(pid: int) -> bool:
@@ -116,38 +144,87 @@ async def test_two_workers_serve_four_sessions_each_with_its_own_face(server: Ru
     assert metric(server, 'mts_worker_batch_size_count{worker="worker-1"}') > 0
 
 
-async def start_long_clip(server: RunningServer, sub: str) -> Client:
+async def start_long_clip(server: RunningServer, sub: str, seconds: float = 20.0) -> Client:
     client = await Client.connect(server)
     await client.hello(mint(sub, "normal"))
     await client.send("start", avatar="astronaut", **CLIP)
-    await client.ws.send(tone_wav(20.0))
+    audio = tone_wav(seconds)
+    for at in range(0, len(audio), 1 << 18):  # (messages are at most 1 MiB)
+        await client.ws.send(audio[at : at + (1 << 18)])
     await client.send("audio_end")
     await client.expect("stream", timeout=60)
     return client
 
 
 async def test_a_killed_worker_fails_only_its_sessions_and_comes_back(server: RunningServer) -> None:
-    first, second = await start_long_clip(server, "kill-a"), await start_long_clip(server, "kill-b")
-    before = worker_pids(server)
-    os.kill(before[0], signal.SIGKILL)
-    ends = await asyncio.gather(first.expect("done", "error", timeout=120), second.expect("done", "error", timeout=120))
-    kinds = sorted(e["type"] for e in ends)
-    assert kinds == ["done", "error"], ends
-    assert [e["code"] for e in ends if e["type"] == "error"] == ["internal"]
-    for client in (first, second):
-        await client.close()
-    wait_for(lambda: metric(server, "mts_worker_restarts_total") >= 1, "the worker restarts", server)
-    wait_for(lambda: metric(server, "mts_worker_up") == 2, "both workers up", server)
-    after = worker_pids(server)
-    assert len(after) == 2 and before[0] not in after and before[1] in after
-    # out of capacity while down (half of engine.slots = 4), back in once it runs again
-    changes = [line.rsplit("admitting ", 1)[1] for line in server.log().splitlines() if "capacity changed" in line]
-    assert changes[-2:] == ["2 sessions at once", "4 sessions at once"], changes
-    wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slots come back", server)
-    clients = await asyncio.gather(*(run_clip(server, f"again-{i}", "astronaut", 1.0) for i in range(2)))
+    clients = [await start_long_clip(server, f"kill-{i}", 20.0 + 0.04 * i) for i in range(3)]
+    wait_for(lambda: sum(worker_metric(server, "mts_worker_streams").values()) == 3, "three streams", server)
+    streams = worker_metric(server, "mts_worker_streams")
+    victim = max(streams, key=lambda name: streams[name])
+    survivors = [p for p in worker_pids(server) if p != worker_pid(server, victim)]
+    os.kill(worker_pid(server, victim), signal.SIGKILL)
+    ends = await asyncio.gather(*(c.expect("done", "error", timeout=120) for c in clients))
+    errors = [e for e in ends if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["internal"] * int(streams[victim]), ends
+    assert len(ends) - len(errors) == 3 - streams[victim]  # the other worker's sessions finish
     for client in clients:
+        await client.close()
+    wait_for(lambda: worker_metric(server, "mts_worker_up") == {"worker-0": 1, "worker-1": 1}, "both up", server)
+    assert worker_metric(server, "mts_worker_restarts_total")[victim] == 1
+    after = worker_pids(server)
+    assert len(after) == 2 and set(survivors) <= set(after)
+    # out of capacity while down (half of engine.slots = 4), back in once it runs again
+    assert slot_changes(server)[-2:] == ["2 sessions at once", "4 sessions at once"], slot_changes(server)
+    wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slots come back", server)
+    again = await asyncio.gather(*(run_clip(server, f"again-{i}", "astronaut", 1.0) for i in range(2)))
+    for client in again:
         assert client.of_type("done") and client.of_type("done")[0]["frames"] == 25, client.of_type("error")
         await client.close()
+
+
+async def test_a_killed_encoder_ends_its_stream_with_internal_and_keeps_no_partial_clip(
+    server: RunningServer,
+) -> None:
+    stored = clip_files(server)
+    client = await start_long_clip(server, "encoder", 60.0)  # (a clip no other test made: not replayed)
+    await client.expect("progress", timeout=60)  # segments are flowing: its encoder is mid-stream
+    assert len(client.media) >= 2, "the init segment and a media segment came"
+    wait_for(lambda: sum(worker_metric(server, "mts_worker_streams").values()) == 1, "one stream", server)
+    streams = worker_metric(server, "mts_worker_streams")
+    encoder = next(name for name, n in streams.items() if n == 1)
+    os.kill(worker_pid(server, encoder), signal.SIGKILL)
+    ended = await client.expect("done", "error", timeout=60)
+    assert ended["type"] == "error" and ended["code"] == "internal", ended
+    await client.close()
+    wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slot comes back", server)
+    wait_for(lambda: worker_metric(server, "mts_worker_up").get(encoder) == 1, "the encoder is back", server)
+    assert clip_files(server) == stored, "a half-encoded clip is never stored"
+    fresh = await run_clip(server, "after-encoder", "astronaut", 1.0)
+    assert fresh.of_type("done") and fresh.of_type("done")[0]["frames"] == 25, fresh.of_type("error")
+    frames, _, _ = decode_mp4(fresh.media_bytes)
+    assert abs(len(frames) - 25) <= 1
+    await fresh.close()
+
+
+async def test_a_stalled_worker_leaves_the_capacity_until_it_runs_again(server: RunningServer) -> None:
+    wait_for(lambda: worker_metric(server, "mts_worker_serving") == {"worker-0": 1, "worker-1": 1}, "both serve",
+             server)
+    stalled = worker_pid(server, "worker-1")
+    os.kill(stalled, signal.SIGSTOP)  # hung: alive, but it reports nothing and renders nothing
+    try:
+        wait_for(lambda: worker_metric(server, "mts_worker_serving").get("worker-1") == 0, "worker-1 is out", server,
+                 timeout=20)
+        assert slot_changes(server)[-1] == "2 sessions at once", slot_changes(server)
+        assert "worker-1 is out of the capacity: stalled" in server.log()
+        clients = await asyncio.gather(*(run_clip(server, f"stall-{i}", "astronaut", 1.0) for i in range(2)))
+        for client in clients:  # both went to the worker that runs
+            assert client.of_type("done") and client.of_type("done")[0]["frames"] == 25, client.of_type("error")
+            await client.close()
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    wait_for(lambda: worker_metric(server, "mts_worker_serving").get("worker-1") == 1, "worker-1 is back", server)
+    assert slot_changes(server)[-1] == "4 sessions at once", slot_changes(server)
+    assert worker_pid(server, "worker-1") == stalled  # it was never restarted
 
 
 async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningServer) -> None:
