@@ -142,8 +142,8 @@ class AdmissionPolicy:
     def _waits(
         self, waiting: Sequence[Ticket], busy: Sequence[BusySlot], slots: int, times: ServiceTimes
     ) -> list[float | None]:
-        work = [(t.tier, t.mode) for t in waiting]
-        return estimate_waits(work, busy, slots, times, self.settings.live_expected_s)
+        tickets = [(t.tier, t.mode) for t in waiting]
+        return estimate_waits(tickets, busy, slots, times, self.settings.live_expected_s)
 
     def estimates(
         self, waiting: Sequence[Ticket], busy: Sequence[BusySlot], slots: int, times: ServiceTimes
@@ -191,10 +191,11 @@ class AdmissionPolicy:
         will overtake it), and whether its joining would make an on-time waiting ticket late."""
         waiting = line.waiting
         at = next((i for i, t in enumerate(waiting) if t.key > key), len(waiting))
-        work = [(t.tier, t.mode) for t in waiting]
+        tickets = [(t.tier, t.mode) for t in waiting]
+        joined = [*tickets[:at], (tier, mode), *tickets[at:]]
         live_s = self.settings.live_expected_s
-        before = estimate_waits(work, line.busy, line.slots_total, line.times, live_s)
-        after = estimate_waits([*work[:at], (tier, mode), *work[at:]], line.busy, line.slots_total, line.times, live_s)
+        before = estimate_waits(tickets, line.busy, line.slots_total, line.times, live_s)
+        after = estimate_waits(joined, line.busy, line.slots_total, line.times, live_s)
         wait = after[at]
         if wait is None:
             return None, False

@@ -25,6 +25,9 @@ Layout, below the prefix:
   ``drain`` (set): nodes that take no new grants; ``inbox:<node>`` (list): grants made by
   another node for tickets whose clients that node holds.
 * ``changed`` (channel): published on every change, so every node pushes positions at once.
+
+The layout is the code's: nodes sharing a prefix run the same version (members without ``mode``
+and ``times`` fields without one come from an older version, and fail to decode).
 """
 
 from __future__ import annotations

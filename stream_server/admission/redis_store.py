@@ -73,7 +73,9 @@ def _times(flat: list[Any]) -> ServiceTimes:
     means: dict[tuple[str, str], float] = {}
     overall: dict[str, float] = {}
     for field, value in _pairs(flat).items():
-        mode, tier = field.split(":", 1)
+        mode, colon, tier = field.partition(":")
+        if not colon:
+            raise ValueError(f"service-time field {field!r} has no mode: an older version wrote it (redis_scripts.py)")
         if tier == "*":
             overall[mode] = float(value)
         else:
