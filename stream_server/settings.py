@@ -74,6 +74,7 @@ class QueueSettings(BaseModel):
     retry_after_s: float = 10.0
     overtake_reserve: float = 0.5
     hot_boost_s: float = 30.0
+    live_expected_s: float = 60.0
     tiers: dict[str, TierSettings] = Field(default_factory=_default_tiers)
 
     def tier(self, name: str) -> TierSettings:
@@ -208,6 +209,8 @@ class Settings(BaseSettings):
             raise ValueError("avatars.device_cache must hold at least one avatar per worker")
         if self.queue.hot_boost_s < 0:
             raise ValueError("queue.hot_boost_s must not be negative")
+        if self.queue.live_expected_s <= 0:
+            raise ValueError("queue.live_expected_s must be positive: a live session holds its slot a while")
         if self.queue.store == "redis" and not self.server.public_url:
             raise ValueError(
                 'queue.store = "redis" needs server.public_url: the URL other nodes redirect clients to'

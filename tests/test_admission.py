@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 )
 
 from stream_server.admission.admission import Admission
+from stream_server.admission.eta import MIN_ETA_S
 from stream_server.admission.memory import MemoryAdmissionStore
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.policy import AdmissionPolicy, IdentityBusy, QueueFull
@@ -85,6 +86,7 @@ class Rec:
     tier: str
     joined_at: float
     arrival: int  # global arrival counter, the model's own notion of "joined later"
+    mode: str = "clip"
     state: str = "waiting"  # waiting | detached | busy | done
     until: float = 0.0  # resume deadline while detached
     granted_at: float = 0.0
@@ -128,7 +130,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.recs: dict[str, Rec] = {}
         self.ids = itertools.count()
         self.arrivals = itertools.count()
-        self.measured = False
+        self.clip_measured = False  # a clip's estimate needs a served clip; a live one has an expectation
         self.entered: list[str] = []  # tickets put into the line by the current step
         self.entered_by_join = False
         self.prev_order: list[str] = []
@@ -181,8 +183,12 @@ class AdmissionMachine(RuleBasedStateMachine):
         self._step()
         self.now += dt
 
-    @rule(identity=st.sampled_from(["a", "b", "c", "d", "e"]), tier=st.sampled_from(TIERS))
-    def join(self, identity, tier):
+    @rule(
+        identity=st.sampled_from(["a", "b", "c", "d", "e"]),
+        tier=st.sampled_from(TIERS),
+        mode=st.sampled_from(["clip", "clip", "live"]),
+    )
+    def join(self, identity, tier, mode):
         self._step()
         self._expire()
         tid = f"t{next(self.ids)}"
@@ -196,17 +202,19 @@ class AdmissionMachine(RuleBasedStateMachine):
         else:
             expected = None
         try:
-            ticket = self.run(self.q.join(tid, identity, tier, "avatar", self.now))
+            ticket = self.run(self.q.join(tid, identity, tier, "avatar", self.now, mode=mode))
         except (QueueFull, IdentityBusy) as exc:
             assert expected is type(exc), f"join raised {exc!r}, the model expected {expected}"
             if isinstance(exc, QueueFull):
                 assert exc.retry_after_s > 0
             return  # a rejected join changes nothing, superseded tickets included
         assert expected is None, f"join was admitted, the model expected {expected.__name__}"
-        assert (ticket.id, ticket.identity, ticket.tier, ticket.joined_at) == (tid, identity, tier, self.now)
+        assert (ticket.id, ticket.identity, ticket.tier, ticket.joined_at, ticket.mode) == (
+            tid, identity, tier, self.now, mode
+        )
         for r in superseded:
             r.state = "done"
-        self.recs[tid] = Rec(tid, identity, tier, self.now, next(self.arrivals))
+        self.recs[tid] = Rec(tid, identity, tier, self.now, next(self.arrivals), mode)
         self.entered = [tid]
         self.entered_by_join = True
 
@@ -263,7 +271,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         assert g is not None, "a slot is free and tickets wait, yet nothing was granted"
         x = self.recs[g.ticket.id]
         # (c) what view() called position 1 is what grant() hands out
-        assert g.ticket.id == before[0]
+        assert g.ticket.id == before[0] and g.ticket.mode == x.mode
         assert g.granted_at == self.now and g.waited_s == self.now - x.joined_at
         for y in self._in("waiting"):
             if y is x:
@@ -289,7 +297,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.run(self.q.release(tid, self.now, served=served))
         if r is not None and r.state == "busy":
             r.state = "done"
-            self.measured = self.measured or served
+            self.clip_measured = self.clip_measured or (served and r.mode == "clip")
 
     @rule(n=st.integers(0, 4))
     def set_slots(self, n):
@@ -331,13 +339,19 @@ class AdmissionMachine(RuleBasedStateMachine):
         busy = self._in("busy")
         assert view.slots_busy == len(busy) and view.slots_total == self.slots
         assert len(view.busy) == len(busy)
-        # ETAs: one per ticket, unknown until a served session was measured, never decreasing
+        # ETAs: one per ticket. Unknown while a clip ahead of it (busy, or waiting before it) has
+        # no measured clip to go by; a live session always has an expectation. Never under the
+        # floor, never decreasing with the position.
         assert len(view.eta_s) == len(order)
-        if not self.measured:
-            assert all(e is None for e in view.eta_s)
-        elif order:
-            assert all(e is not None and e >= 0 for e in view.eta_s)
-            assert all(a <= b for a, b in itertools.pairwise(view.eta_s))
+        unknown = []
+        clip_ahead = any(r.mode == "clip" for r in busy)
+        for tid in order:
+            unknown.append(clip_ahead and not self.clip_measured)
+            clip_ahead = clip_ahead or self.recs[tid].mode == "clip"
+        assert [e is None for e in view.eta_s] == unknown
+        known = [e for e in view.eta_s if e is not None]
+        assert all(e >= MIN_ETA_S for e in known)
+        assert all(a <= b for a, b in itertools.pairwise(known))
 
     @invariant()
     def caps_hold(self):
@@ -560,17 +574,79 @@ async def test_an_admitted_normal_ticket_is_not_pushed_past_its_max_wait_by_late
 # --------------------------------------------------------------------------------------------
 
 
-async def test_eta_is_unknown_until_a_served_session_is_measured():
+async def test_a_clip_estimate_is_unknown_until_a_served_clip_is_measured():
     q = make_queue(make_settings(), slots=1)
     for n in range(3):
         await q.join(f"t{n}", f"u{n}", "normal", "a", float(n))
-    assert (await q.view(3.0)).eta_s == [None, None, None]
+    # nothing is ahead of the first (it is about to be granted); a clip is ahead of the others
+    assert (await q.view(3.0)).eta_s == [MIN_ETA_S, None, None]
     g = await q.grant(3.0)
+    assert (await q.view(3.0)).eta_s == [None, None], "an unmeasured clip holds the slot"
     await q.release(g.ticket.id, 50.0, served=False)  # a failed session measures nothing
-    assert (await q.view(50.0)).eta_s == [None, None]
-    g = await q.grant(50.0)
-    await q.release(g.ticket.id, 60.0)
-    assert (await q.view(60.0)).eta_s == [0.0]
+    await q.grant(50.0)
+    assert (await q.view(50.0)).eta_s == [None]
+    await q.release("t1", 60.0)  # served: 10 s
+    await q.grant(60.0)
+    await q.join("t3", "u3", "normal", "a", 60.0)
+    assert (await q.view(64.0)).eta_s == pytest.approx([6.0])
+    # past its mean, the busy clip still counts for a tenth of it, and no estimate is under 1 s
+    assert (await q.view(75.0)).eta_s == pytest.approx([MIN_ETA_S])
+
+
+LIVE_S = 80.0  # queue.live_expected_s in the tests below (the default is 60 s)
+
+
+async def check_live_holders_count_for_their_expectation(q: Queue) -> None:
+    """Four live sessions hold the four slots, a clip waits behind them (no clip measured): it is
+    told the rest of their expected hold time, never 0 s; the measured live mean replaces the
+    expectation, and a live session's hold time does not change the clip mean. Shared with the
+    Redis store (tests/cluster/test_redis_store.py)."""
+    for n in range(4):
+        await q.join(f"live{n}", f"l{n}", "vip", "a", 0.0, mode="live")
+        assert (await q.grant(0.0)) is not None
+    await q.join("clip", "c", "normal", "a", 10.0)
+    assert (await q.view(10.0)).eta_s == pytest.approx([LIVE_S - 10.0]), "4 x 50 s of live work over 4 slots"
+    assert (await q.view(40.0)).eta_s == pytest.approx([LIVE_S - 40.0])
+    # past their expectation they still count for a tenth of it: not 0 s
+    assert (await q.view(100.0)).eta_s == pytest.approx([LIVE_S * 0.1])
+    # one ends at 120 s: the live mean is measured (120 s) and replaces the expectation
+    await q.release("live0", 120.0)
+    await q.join("live4", "l4", "vip", "a", 120.0, mode="live")
+    grant = await q.grant(120.0)
+    assert grant is not None and grant.ticket.id == "live4" and grant.ticket.mode == "live"
+    # 3 x 12 s (a tenth of 120 s, they have run 120 s) + 120 s - 10 s for live4, over 4 slots
+    assert (await q.view(130.0)).eta_s == pytest.approx([(3 * 12.0 + 110.0) / 4])
+    # the clip's own hold time is measured apart from the live ones
+    for n in range(1, 5):
+        await q.release(f"live{n}", 130.0)
+    g = await q.grant(130.0)
+    assert g is not None and g.ticket.id == "clip" and g.ticket.mode == "clip"
+    await q.release("clip", 140.0)  # a 10 s clip
+    await q.join("clip2", "c", "normal", "a", 140.0)
+    await q.grant(140.0)
+    await q.join("clip3", "c3", "normal", "a", 141.0)
+    assert (await q.view(142.0)).eta_s == pytest.approx([8.0 / 4]), "the clip mean is 10 s, not mixed with 120 s"
+
+
+def live_settings() -> QueueSettings:
+    cfg = make_settings()
+    cfg.live_expected_s = LIVE_S
+    return cfg
+
+
+async def test_live_holders_count_for_their_expectation_less_their_time_so_far():
+    await check_live_holders_count_for_their_expectation(make_queue(live_settings(), slots=4))
+
+
+async def test_a_clip_behind_a_waiting_live_session_counts_its_expectation():
+    q = make_queue(live_settings(), slots=1)
+    await q.join("m", "m", "normal", "a", 0.0)
+    await q.release((await q.grant(0.0)).ticket.id, 10.0)  # clips take 10 s
+    await q.join("busy", "b", "normal", "a", 10.0)
+    await q.grant(10.0)
+    await q.join("live", "l", "normal", "a", 10.0, mode="live")
+    await q.join("clip", "c", "normal", "a", 11.0)
+    assert (await q.view(12.0)).eta_s == pytest.approx([8.0, 8.0 + LIVE_S])
 
 
 async def test_eta_grows_with_position_and_shrinks_with_more_slots():

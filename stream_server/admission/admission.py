@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from stream_server.admission.eta import CLIP, BusySlot
 from stream_server.admission.owner import TicketOwner
 from stream_server.admission.policy import AdmissionPolicy, Ticket
 from stream_server.admission.store import AdmissionStore, Grant, NewTicket
@@ -31,7 +32,7 @@ class QueueView:
     eta_s: list[float | None]
     slots_total: int
     slots_busy: int
-    busy: list[tuple[str, float]]
+    busy: list[BusySlot]
     pools: dict[str, tuple[int, int]]
     """(slots, busy) per pool of the live nodes (a shared store); empty on one node."""
 
@@ -84,18 +85,20 @@ class Admission(Generic[OwnerT]):
         *,
         hot: bool = False,
         request: str = "",
+        mode: str = CLIP,
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
         and its grant; a ticket granted with no owner is released by the dispatcher. ``hot``: its
         avatar is hot (the policy's bounded boost). ``request`` (the ``start``, JSON) goes with the
-        ticket in a shared store, for a resume on another node."""
+        ticket in a shared store, for a resume on another node. ``mode``: the ``start``'s, which
+        the estimates of the tickets behind it go by."""
         await self._expire(now)
         while True:
-            snapshot, version = await self.store.join_snapshot(identity, tier, now)
-            key = self.policy.admit(tier, now, snapshot, hot=hot)
+            snapshot, version = await self.store.join_snapshot(identity, tier, now, mode=mode)
+            key = self.policy.admit(tier, now, snapshot, hot=hot, mode=mode)
             resume_key = owner.resume_key if owner is not None else ""
             added = await self.store.insert(
-                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request), version
+                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request, mode), version
             )
             if added is not None:
                 break

@@ -1,71 +1,109 @@
-"""Wait estimates from measured service times, per tier and per slot count."""
+"""Wait estimates from measured service times, per mode, tier and slot count.
+
+A clip's hold time and a live session's have nothing in common (seconds against minutes), so
+they are measured apart: a live session ahead of a clip counts as a live session. A live
+session's length is unknown while it runs, so it counts for the measured live mean, or the
+configured ``queue.live_expected_s`` until one has ended, less the time it has held its slot so
+far, and never less than ``REMAINDER_FLOOR`` of that: a session running over its expectation
+still has some time left.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
+
+CLIP = "clip"
+LIVE = "live"
+REMAINDER_FLOOR = 0.1
+"""A busy slot counts for at least this share of its expected hold time, however long it has run."""
+MIN_ETA_S = 1.0
+"""The least estimate a waiting client is told: its wait has not begun to end, so never 0 s."""
+
+
+class BusySlot(NamedTuple):
+    tier: str
+    mode: str
+    """``clip`` or ``live``: the ``start`` of the session holding it."""
+    held_s: float
+    """How long the session has held the slot so far."""
 
 
 class ServiceTimes:
-    """Exponentially weighted mean of how long a granted session holds its slot, per tier."""
+    """Exponentially weighted mean of how long a granted session holds its slot, per mode and
+    tier, and per mode over every tier (for a tier not measured yet)."""
 
     def __init__(self, alpha: float = 0.2) -> None:
         self.alpha = alpha
-        self._mean: dict[str, float] = {}
-        self._overall: float | None = None
+        self._mean: dict[tuple[str, str], float] = {}
+        self._overall: dict[str, float] = {}
 
-    def record(self, tier: str, seconds: float) -> None:
+    def record(self, mode: str, tier: str, seconds: float) -> None:
         seconds = max(0.0, seconds)
-        prev = self._mean.get(tier)
-        self._mean[tier] = seconds if prev is None else prev + self.alpha * (seconds - prev)
-        o = self._overall
-        self._overall = seconds if o is None else o + self.alpha * (seconds - o)
+        prev = self._mean.get((mode, tier))
+        self._mean[mode, tier] = seconds if prev is None else prev + self.alpha * (seconds - prev)
+        o = self._overall.get(mode)
+        self._overall[mode] = seconds if o is None else o + self.alpha * (seconds - o)
 
-    def mean(self, tier: str) -> float | None:
-        return self._mean.get(tier, self._overall)
-
-    @property
-    def known(self) -> bool:
-        return self._overall is not None
-
-    def snapshot(self) -> dict[str, float]:
-        return dict(self._mean)
+    def mean(self, mode: str, tier: str) -> float | None:
+        return self._mean.get((mode, tier), self._overall.get(mode))
 
     @classmethod
-    def restore(cls, means: dict[str, float], overall: float | None, alpha: float = 0.2) -> ServiceTimes:
+    def restore(
+        cls, means: dict[tuple[str, str], float], overall: dict[str, float], alpha: float = 0.2
+    ) -> ServiceTimes:
         """The means as a shared store keeps them (it applies ``record`` itself, atomically)."""
         times = cls(alpha)
         times._mean = dict(means)
-        times._overall = overall
+        times._overall = dict(overall)
         return times
 
-    def load(self, means: dict[str, float]) -> None:
-        for tier, value in means.items():
-            self.record(tier, value)
+
+def expected_hold_s(times: ServiceTimes, mode: str, tier: str, live_expected_s: float) -> float | None:
+    """How long a session of ``mode`` and ``tier`` is expected to hold its slot: the measured
+    mean; for live mode ``live_expected_s`` until one was measured; ``None`` for a clip then."""
+    mean = times.mean(mode, tier)
+    if mean is None and mode == LIVE:
+        return live_expected_s
+    return mean
 
 
 def estimate_waits(
-    tiers_in_order: Iterable[str],
-    busy_elapsed: Iterable[tuple[str, float]],
+    tickets_in_order: Iterable[tuple[str, str]],
+    busy: Iterable[BusySlot],
     slots: int,
     times: ServiceTimes,
+    live_expected_s: float,
 ) -> list[float | None]:
-    """Estimated wait of each ticket, given in grant order: the work ahead of it spread over the
-    slots. Work ahead is the expected remainder of every busy slot plus the mean service time of
-    every ticket ahead. ``None`` everywhere until a service time has been measured."""
-    order = list(tiers_in_order)
-    if not times.known:
-        return [None] * len(order)
-    work = 0.0
-    for tier, elapsed in busy_elapsed:
-        mean = times.mean(tier) or 0.0
-        work += max(mean - elapsed, mean * 0.1)
+    """Estimated wait of each ticket, given as (tier, mode) in grant order: the work ahead of it
+    spread over the slots. Work ahead is the expected remainder of every busy slot plus the
+    expected hold time of every ticket ahead. ``None`` for a ticket with work ahead of it that has
+    no expectation yet (a clip, before any clip was measured), and so for every ticket behind it."""
+    work = _busy_work(busy, times, live_expected_s)
     slots = max(1, slots)
     waits: list[float | None] = []
-    for tier in order:
-        waits.append(work / slots)
-        work += times.mean(tier) or 0.0
+    for tier, mode in tickets_in_order:
+        waits.append(None if work is None else work / slots)
+        expected = expected_hold_s(times, mode, tier, live_expected_s)
+        work = None if work is None or expected is None else work + expected
     return waits
+
+
+def _busy_work(busy: Iterable[BusySlot], times: ServiceTimes, live_expected_s: float) -> float | None:
+    """The expected remainder of every busy slot; ``None`` if one has no expectation."""
+    work = 0.0
+    for slot in busy:
+        expected = expected_hold_s(times, slot.mode, slot.tier, live_expected_s)
+        if expected is None:
+            return None
+        work += max(expected - slot.held_s, expected * REMAINDER_FLOOR)
+    return work
+
+
+def shown(waits: list[float | None]) -> list[float | None]:
+    """The estimates as clients hear them: at least ``MIN_ETA_S``."""
+    return [None if w is None else max(w, MIN_ETA_S) for w in waits]
 
 
 class OfferedWork:

@@ -10,7 +10,7 @@ import itertools
 
 from sortedcontainers import SortedList
 
-from stream_server.admission.eta import OfferedWork, ServiceTimes
+from stream_server.admission.eta import CLIP, BusySlot, OfferedWork, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
 from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket
 
@@ -39,8 +39,8 @@ class MemoryAdmissionStore(AdmissionStore):
         else:
             self._identity.pop(identity, None)
 
-    def _busy_elapsed(self, now: float) -> list[tuple[str, float]]:
-        return [(t.tier, now - since) for t, since in self._busy.values()]
+    def _busy_slots(self, now: float) -> list[BusySlot]:
+        return [BusySlot(t.tier, t.mode, now - since) for t, since in self._busy.values()]
 
     async def expire(self, now: float) -> list[Ticket]:
         gone = [tid for tid, (_, until) in self._detached.items() if until <= now]
@@ -48,13 +48,15 @@ class MemoryAdmissionStore(AdmissionStore):
             self._changed()
         return [self._detached.pop(tid)[0] for tid in gone]
 
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+    ) -> tuple[JoinSnapshot, int]:
         # Refused joins count as offered work too, or refusing a tier would shrink its reserve.
-        self.offered.add(tier, self.times.mean(tier) or 0.0, now)
+        self.offered.add(tier, self.times.mean(mode, tier) or 0.0, now)
         snapshot = JoinSnapshot(
             waiting=list(self._waiting),
             held=[t for t, _ in self._detached.values() if t.identity != identity],
-            busy=self._busy_elapsed(now),
+            busy=self._busy_slots(now),
             slots_total=self.slots_total,
             identity_active=self._identity.get(identity, 0),
             times=self.times,
@@ -78,6 +80,7 @@ class MemoryAdmissionStore(AdmissionStore):
             key=ticket.key,
             seq=next(self._seq),
             avatar=ticket.avatar,
+            mode=ticket.mode,
         )
         self._waiting.add(added)
         self._by_id[added.id] = added
@@ -133,14 +136,14 @@ class MemoryAdmissionStore(AdmissionStore):
         ticket, since = entry
         self._count(ticket.identity, -1)
         if served:
-            self.times.record(ticket.tier, now - since)
+            self.times.record(ticket.mode, ticket.tier, now - since)
         self._changed()
         return ticket
 
     async def line(self, now: float) -> LineState:
         return LineState(
             waiting=list(self._waiting),
-            busy=self._busy_elapsed(now),
+            busy=self._busy_slots(now),
             slots_total=self.slots_total,
             times=self.times,
         )

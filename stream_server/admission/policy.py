@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from stream_server.admission.eta import ServiceTimes, estimate_waits
+from stream_server.admission.eta import CLIP, BusySlot, ServiceTimes, estimate_waits, shown
 from stream_server.settings import PoolSettings, QueueSettings
 
 
@@ -41,6 +41,8 @@ class Ticket:
     seq: int
     avatar: str = ""
     meta: Mapping[str, str] = field(default_factory=dict)
+    mode: str = CLIP
+    """The ``start``'s mode (``clip`` or ``live``): what its slot is expected to be held for."""
 
     @property
     def order(self) -> tuple[float, int]:
@@ -72,8 +74,7 @@ class JoinSnapshot:
     """In grant order."""
     held: Sequence[Ticket]
     """Detached tickets that keep their place for a resume, except the joiner's own (superseded)."""
-    busy: Sequence[tuple[str, float]]
-    """(tier, seconds held so far) of every busy slot."""
+    busy: Sequence[BusySlot]
     slots_total: int
     identity_active: int
     times: ServiceTimes
@@ -106,18 +107,18 @@ class AdmissionPolicy:
         room = max_wait - max(higher) - HOT_BOOST_MARGIN_S if higher else max_wait
         return max(0.0, min(self.settings.hot_boost_s, room))
 
-    def admit(self, tier: str, now: float, line: JoinSnapshot, *, hot: bool = False) -> float:
-        """The order key of a ticket of ``tier`` joining ``line`` now (``hot``: its avatar is
-        hot); raise ``IdentityBusy`` or ``QueueFull`` when it may not join. A boost that would
-        make an on-time waiting ticket late is not given."""
+    def admit(self, tier: str, now: float, line: JoinSnapshot, *, hot: bool = False, mode: str = CLIP) -> float:
+        """The order key of a ticket of ``tier`` and ``mode`` joining ``line`` now (``hot``: its
+        avatar is hot); raise ``IdentityBusy`` or ``QueueFull`` when it may not join. A boost that
+        would make an on-time waiting ticket late is not given."""
         s = self.settings
         if line.identity_active >= s.per_identity_cap:
             raise IdentityBusy(f"this identity already has {line.identity_active} active request(s)")
         key = self.order_key(tier, now, hot=hot)
-        eta, delays = self._join_estimate(tier, key, now, line)
+        eta, delays = self._join_estimate(tier, mode, key, now, line)
         if hot and delays:
             key = self.order_key(tier, now)
-            eta, delays = self._join_estimate(tier, key, now, line)
+            eta, delays = self._join_estimate(tier, mode, key, now, line)
         retry = self.retry_after(eta)
         if len(line.waiting) + len(line.held) >= s.global_cap:
             raise QueueFull(f"the queue is full ({s.global_cap} waiting)", retry)
@@ -138,16 +139,23 @@ class AdmissionPolicy:
             )
         return key
 
-    def estimates(
-        self, waiting: Sequence[Ticket], busy: Sequence[tuple[str, float]], slots: int, times: ServiceTimes
+    def _waits(
+        self, waiting: Sequence[Ticket], busy: Sequence[BusySlot], slots: int, times: ServiceTimes
     ) -> list[float | None]:
-        """Each waiting ticket's estimated wait, in grant order."""
-        return estimate_waits([t.tier for t in waiting], busy, slots, times)
+        tickets = [(t.tier, t.mode) for t in waiting]
+        return estimate_waits(tickets, busy, slots, times, self.settings.live_expected_s)
+
+    def estimates(
+        self, waiting: Sequence[Ticket], busy: Sequence[BusySlot], slots: int, times: ServiceTimes
+    ) -> list[float | None]:
+        """Each waiting ticket's estimated wait as its client hears it (at least ``MIN_ETA_S``),
+        in grant order."""
+        return shown(self._waits(waiting, busy, slots, times))
 
     def estimates_in_pools(
         self,
         waiting: Sequence[Ticket],
-        busy: Sequence[tuple[str, float]],
+        busy: Sequence[BusySlot],
         busy_pools: Sequence[str],
         pool_slots: Mapping[str, int],
         times: ServiceTimes,
@@ -170,20 +178,24 @@ class AdmissionPolicy:
             members = [i for i, s in enumerate(sets) if s & group]
             held = [b for b, pool in zip(busy, busy_pools, strict=True) if pool in group]
             slots = sum(pool_slots.get(p, 0) for p in group)
-            waits = estimate_waits([waiting[i].tier for i in members], held, max(1, slots), times)
+            waits = self._waits([waiting[i] for i in members], held, max(1, slots), times)
             for i, wait in zip(members, waits, strict=True):
                 if sets[i] == group:
                     out[i] = wait
-        return out
+        return shown(out)
 
-    def _join_estimate(self, tier: str, key: float, now: float, line: JoinSnapshot) -> tuple[float | None, bool]:
+    def _join_estimate(
+        self, tier: str, mode: str, key: float, now: float, line: JoinSnapshot
+    ) -> tuple[float | None, bool]:
         """The estimated wait of a ticket joining now (with the reserve for higher-tier work that
         will overtake it), and whether its joining would make an on-time waiting ticket late."""
         waiting = line.waiting
         at = next((i for i, t in enumerate(waiting) if t.key > key), len(waiting))
-        tiers = [t.tier for t in waiting]
-        before = estimate_waits(tiers, line.busy, line.slots_total, line.times)
-        after = estimate_waits([*tiers[:at], tier, *tiers[at:]], line.busy, line.slots_total, line.times)
+        tickets = [(t.tier, t.mode) for t in waiting]
+        joined = [*tickets[:at], (tier, mode), *tickets[at:]]
+        live_s = self.settings.live_expected_s
+        before = estimate_waits(tickets, line.busy, line.slots_total, line.times, live_s)
+        after = estimate_waits(joined, line.busy, line.slots_total, line.times, live_s)
         wait = after[at]
         if wait is None:
             return None, False

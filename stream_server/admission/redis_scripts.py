@@ -9,19 +9,25 @@ Layout, below the prefix:
 * ``ver`` (counter): bumped by every change of the line; ``insert`` compares it (join = snapshot,
   policy, conditional insert). ``seq`` (counter): arrival order, the tie-break of equal keys.
 * ``wait`` (sorted set): waiting tickets, score = the order key, member = ``%015d`` seq + JSON
-  ``[id, identity, tier, joined_at, key, avatar, node, resume_key, request]`` (numbers as Python reprs, so
-  nothing loses precision), so equal keys sort by seq; ``wm`` (hash): id -> member.
+  ``[id, identity, tier, joined_at, key, avatar, node, resume_key, request, mode]`` (numbers as Python
+  reprs, so nothing loses precision), so equal keys sort by seq; ``wm`` (hash): id -> member.
+  ``mode`` is the ``start``'s (``clip`` or ``live``): a busy slot's member says how long it is
+  expected to be held.
 * ``det`` (hash) id -> member, ``detu`` (sorted set) id -> resume deadline, ``park`` (hash)
   resume key -> id: detached tickets, held for a resume on any node.
 * ``busy`` (hash) id -> JSON ``[member, since, node]``: reserved slots; ``gexp`` (sorted set)
   id -> deadline of a grant not yet taken up on another node; ``grant:<gid>`` -> id, single use.
 * ``ident`` (hash): active tickets (waiting or busy) per identity.
-* ``times`` (hash): service-time means per tier and ``*`` overall; ``off`` (hash): offered work
-  per tier and the time it was decayed to (``tier@``).
+* ``times`` (hash): service-time means per mode and tier (``clip:vip``, ``live:low``) and per
+  mode over every tier (``clip:*``); ``off`` (hash): offered work per tier and the time it was
+  decayed to (``tier@``).
 * ``nodes`` (sorted set) node -> lease deadline; ``nslots``, ``npool``, ``nurl`` (hashes);
   ``drain`` (set): nodes that take no new grants; ``inbox:<node>`` (list): grants made by
   another node for tickets whose clients that node holds.
 * ``changed`` (channel): published on every change, so every node pushes positions at once.
+
+The layout is the code's: nodes sharing a prefix run the same version (members without ``mode``
+and ``times`` fields without one come from an older version, and fail to decode).
 """
 
 from __future__ import annotations
@@ -116,9 +122,11 @@ if any then changed() end
 return out
 """
 
+# ARGV: prefix, identity, tier, now, offered-work horizon, mode.
 JOIN_SNAPSHOT = COMMON + """
-local tier, now, horizon = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local mean = redis.call('HGET', k('times'), tier) or redis.call('HGET', k('times'), '*') or '0'
+local tier, now, horizon, mode = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local mean = redis.call('HGET', k('times'), mode .. ':' .. tier)
+  or redis.call('HGET', k('times'), mode .. ':*') or '0'
 local value = tonumber(redis.call('HGET', k('off'), tier) or '0')
 local since = tonumber(redis.call('HGET', k('off'), tier .. '@') or ARGV[4])
 value = value * math.exp(-math.max(0, now - since) / horizon) + tonumber(mean)
@@ -136,6 +144,7 @@ return {
 }
 """
 
+# ARGV: prefix, version, then the member's fields from id to mode (the layout above).
 INSERT = COMMON + """
 local id, identity = ARGV[3], ARGV[4]
 if redis.call('HEXISTS', k('wm'), id) == 1 or redis.call('HEXISTS', k('busy'), id) == 1 then
@@ -153,7 +162,7 @@ for i = 1, #det, 2 do
   end
 end
 local seq = redis.call('INCR', k('seq'))
-local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]}
+local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]}
 local m = string.format('%015d', seq) .. cjson.encode(fields)
 redis.call('ZADD', k('wait'), ARGV[7], m)
 redis.call('HSET', k('wm'), id, m)
@@ -317,7 +326,7 @@ if ARGV[4] == '1' then
   local t = decode(b[1])
   local alpha = tonumber(ARGV[5])
   local s = math.max(0, tonumber(ARGV[3]) - tonumber(b[2]))
-  for _, field in ipairs({t[3], '*'}) do
+  for _, field in ipairs({t[10] .. ':' .. t[3], t[10] .. ':*'}) do
     local prev = redis.call('HGET', k('times'), field)
     local v = s
     if prev then v = tonumber(prev) + alpha * (s - tonumber(prev)) end

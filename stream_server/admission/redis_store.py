@@ -24,7 +24,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from stream_server.admission import redis_scripts as lua
-from stream_server.admission.eta import OfferedWork, ServiceTimes
+from stream_server.admission.eta import CLIP, BusySlot, OfferedWork, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
 from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket, StoreUnavailable
 
@@ -39,7 +39,7 @@ def decode_ticket(member: str | bytes) -> Ticket:
 @functools.lru_cache(maxsize=16384)
 def _decode(text: str) -> Ticket:
     """A member never changes while its ticket lives: a line read decodes only the new ones."""
-    ticket_id, identity, tier, joined_at, key, avatar, node, resume_key, request = json.loads(text[15:])
+    ticket_id, identity, tier, joined_at, key, avatar, node, resume_key, request, mode = json.loads(text[15:])
     return Ticket(
         id=ticket_id,
         identity=identity,
@@ -49,13 +49,14 @@ def _decode(text: str) -> Ticket:
         seq=int(text[:15]),
         avatar=avatar,
         meta={"node": node, "resume_key": resume_key, "request": request},
+        mode=mode,
     )
 
 
 def encode_ticket(ticket: Ticket, node: str) -> str:
     """The member ``decode_ticket`` reads (``redis_scripts``: the layout)."""
     fields = [ticket.id, ticket.identity, ticket.tier, repr(ticket.joined_at), repr(ticket.key), ticket.avatar, node,
-              ticket.meta.get("resume_key", ""), ticket.meta.get("request", "")]
+              ticket.meta.get("resume_key", ""), ticket.meta.get("request", ""), ticket.mode]
     return f"{ticket.seq:015d}" + json.dumps(fields)
 
 
@@ -68,8 +69,17 @@ def _pairs(flat: list[Any]) -> dict[str, str]:
 
 
 def _times(flat: list[Any]) -> ServiceTimes:
-    means = {tier: float(v) for tier, v in _pairs(flat).items()}
-    overall = means.pop("*", None)
+    """The ``times`` hash: ``mode:tier`` -> mean, and ``mode:*`` -> the mode's mean over every tier."""
+    means: dict[tuple[str, str], float] = {}
+    overall: dict[str, float] = {}
+    for field, value in _pairs(flat).items():
+        mode, colon, tier = field.partition(":")
+        if not colon:
+            raise ValueError(f"service-time field {field!r} has no mode: an older version wrote it (redis_scripts.py)")
+        if tier == "*":
+            overall[mode] = float(value)
+        else:
+            means[mode, tier] = float(value)
     return ServiceTimes.restore(means, overall, SERVICE_ALPHA)
 
 
@@ -121,11 +131,12 @@ class RedisAdmissionStore(AdmissionStore):
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
 
-    def _busy(self, entries: list[Any], now: float) -> list[tuple[str, float]]:
+    def _busy(self, entries: list[Any], now: float) -> list[BusySlot]:
         out = []
         for raw in entries:
             member, since, _node = json.loads(_text(raw))
-            out.append((decode_ticket(member).tier, now - float(since)))
+            ticket = decode_ticket(member)
+            out.append(BusySlot(ticket.tier, ticket.mode, now - float(since)))
         return out
 
     def _grant(self, raw: list[Any]) -> Grant:
@@ -160,9 +171,11 @@ class RedisAdmissionStore(AdmissionStore):
         members = await self._run("EXPIRE", repr(now), repr(self.resume_grace_s))
         return [decode_ticket(m) for m in members]
 
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+    ) -> tuple[JoinSnapshot, int]:
         version, waiting, detached, busy, total, active, times, offered = await self._run(
-            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S)
+            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S), mode
         )
         work = OfferedWork(OFFERED_HORIZON_S)
         raw = _pairs(offered)
@@ -194,6 +207,7 @@ class RedisAdmissionStore(AdmissionStore):
             self.node_id,
             ticket.resume_key,
             ticket.request,
+            ticket.mode,
         )
         if _text(reply[0]) == "stale":
             return None

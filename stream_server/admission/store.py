@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from stream_server.admission.eta import ServiceTimes
+from stream_server.admission.eta import CLIP, BusySlot, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
 
 
@@ -50,8 +50,7 @@ class LineState:
     """The waiting tickets in grant order, the busy slots and the measured service times."""
 
     waiting: list[Ticket]
-    busy: list[tuple[str, float]]
-    """(tier, seconds held so far) of every busy slot."""
+    busy: list[BusySlot]
     slots_total: int
     times: ServiceTimes
     pool_slots: dict[str, int] = field(default_factory=dict)
@@ -72,6 +71,8 @@ class NewTicket:
     """What a resume names the ticket's owner by: a shared store lets any node find it."""
     request: str = ""
     """The request as JSON, kept with the ticket by a shared store for a resume on another node."""
+    mode: str = CLIP
+    """The ``start``'s mode: its busy slot is expected to be held as long as a session of it."""
 
 
 class AdmissionStore(ABC):
@@ -84,9 +85,11 @@ class AdmissionStore(ABC):
         """Forget the detached tickets whose resume grace is over; return them."""
 
     @abstractmethod
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
-        """Count a join attempt's work as offered and read the line for the decision; with the
-        store's version, which ``insert`` compares."""
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+    ) -> tuple[JoinSnapshot, int]:
+        """Count a join attempt's work (the measured mean of its mode and tier) as offered and
+        read the line for the decision; with the store's version, which ``insert`` compares."""
 
     @abstractmethod
     async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
@@ -113,7 +116,8 @@ class AdmissionStore(ABC):
 
     @abstractmethod
     async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
-        """Free the slot held by ``ticket_id``; a served session's duration feeds the estimates."""
+        """Free the slot held by ``ticket_id``; a served session's duration feeds the estimates
+        of its mode and tier."""
 
     @abstractmethod
     async def line(self, now: float) -> LineState:

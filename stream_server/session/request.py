@@ -57,6 +57,8 @@ FINISHED_ERRORS: dict[RequestStatus, tuple[ErrorCode, str] | None] = {
     RequestStatus.FAILED: (ErrorCode.INTERNAL, "a server fault ended this stream; the slot was released"),
 }
 """The one table of what a client hears when its request ends in an error (``{detail}``: the cause)."""
+SERVED = frozenset({RequestStatus.FINISHED, RequestStatus.TIME_LIMIT})
+LIVE_SERVED = SERVED | {RequestStatus.CANCELLED, RequestStatus.STALLED}
 
 
 @dataclass(slots=True, eq=False)
@@ -81,6 +83,13 @@ class Request:
     @property
     def live(self) -> bool:
         return self.start.mode == "live"
+
+    def measures(self, status: RequestStatus) -> bool:
+        """Whether a request that ended in ``status`` held its slot as long as such a request
+        does, which the estimates learn from: a clip once it finished; a live session also when
+        its client ended it (``cancel``, a disconnect, a stall), as a live session has no end of
+        its own. Never a fault or a refusal."""
+        return status in (LIVE_SERVED if self.live else SERVED)
 
     def deliver(self, pcm: Pcm | None) -> None:
         """Audio (or, as ``None``, the end of it) for the granted engine stream; while the request

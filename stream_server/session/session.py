@@ -321,6 +321,7 @@ class Session:
                 request.ticket_id, self.identity.key, self.identity.tier, message.avatar, admission.clock(), owner,
                 hot=hot,
                 request=message.model_dump_json(exclude={"id"}),
+                mode=message.mode,
             )
         except QueueFull as exc:
             audio.close()
@@ -487,7 +488,7 @@ class Session:
                     self.machine.apply(Event.END)
             await self.services.dispatcher.release(
                 request.ticket_id,
-                served=status in (RequestStatus.FINISHED, RequestStatus.TIME_LIMIT),
+                served=request.measures(status),
                 mode=request.start.mode,
                 held_s=time.monotonic() - request.granted_at,
             )

@@ -16,7 +16,13 @@ from stream_server.admission.redis_store import RedisAdmissionStore
 from stream_server.admission.store import NewTicket
 from stream_server.settings import QueueSettings
 from tests.cluster.redis_helpers import SHARED_URL, delete_prefix, unique_prefix
-from tests.test_admission import TIERS, AdmissionMachine, make_settings
+from tests.test_admission import (
+    TIERS,
+    AdmissionMachine,
+    check_live_holders_count_for_their_expectation,
+    live_settings,
+    make_settings,
+)
 
 FOREVER = 1e12
 
@@ -63,6 +69,17 @@ RedisAdmissionMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestRedisAdmissionMachine = RedisAdmissionMachine.TestCase
+
+
+async def test_live_holders_count_for_their_expectation_on_the_shared_store(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    store = redis_store(client, prefix, "a", 4, 30.0)
+    await store.heartbeat(0.0, FOREVER)
+    await check_live_holders_count_for_their_expectation(Admission(AdmissionPolicy(live_settings()), store))
+    # kept per mode and tier in the shared store
+    fields = {k.decode() for k in await client.hkeys(prefix + "times")}
+    assert fields == {"live:vip", "live:*", "clip:normal", "clip:*"}
+    await client.aclose()
 
 
 async def test_a_join_decided_on_a_stale_snapshot_is_not_inserted(redis_url: str, prefix: str) -> None:
