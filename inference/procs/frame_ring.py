@@ -28,9 +28,10 @@ class FrameRing:
         self.slot_bytes = self.image_bytes + AUDIO_BYTES
 
     @classmethod
-    def create(cls, slots: int, height: int, width: int) -> FrameRing:
+    def create(cls, slots: int, height: int, width: int, name: str | None = None) -> FrameRing:
+        """A new segment (``/dev/shm/<name>``; a random name when ``None``)."""
         size = slots * (height * width * 3 + AUDIO_BYTES)
-        return cls(shared_memory.SharedMemory(create=True, size=size), slots, height, width, owner=True)
+        return cls(shared_memory.SharedMemory(name, create=True, size=size), slots, height, width, owner=True)
 
     @classmethod
     def attach(cls, name: str, slots: int, height: int, width: int) -> FrameRing:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from inference.worker_health import WorkerStatus, judge
 
 log = logging.getLogger(__name__)
 
+RING_PREFIX = "mts_ring"
+"""Rings are ``/dev/shm/mts_ring_<server pid>_<stream>``: whose they are is in the name."""
 RING_SLOTS = 16
 """Frames of one WebRTC stream in shared memory at once (the worker waits for a free slot)."""
 CALL_TIMEOUT_S = 600.0
@@ -106,8 +109,10 @@ class ProcessEnginePool:
         except WorkerDied as exc:
             worker, down = None, exc
         info = avatar.info
-        ring = None if encode is not None or worker is None else FrameRing.create(RING_SLOTS, info.height, info.width)
         stream_id = next(self._stream_ids)
+        ring = None
+        if encode is None and worker is not None:
+            ring = FrameRing.create(RING_SLOTS, info.height, info.width, f"{RING_PREFIX}_{os.getpid()}_{stream_id}")
         stream = RemoteStream(
             stream_id, avatar, mode, worker.send if worker is not None else _nowhere, ring=ring, on_output=on_output
         )

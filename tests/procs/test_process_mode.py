@@ -69,8 +69,9 @@ def alive(pid: int) -> bool:
         return False
 
 
-def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+def shm_entries(server: RunningServer) -> set[str]:
+    """The server's rings in ``/dev/shm`` (other processes on the machine have their own)."""
+    return {name for name in os.listdir("/dev/shm") if name.startswith(f"mts_ring_{server.process.pid}_")}
 
 
 def metric(server: RunningServer, prefix: str) -> float:
@@ -228,7 +229,7 @@ async def test_a_stalled_worker_leaves_the_capacity_until_it_runs_again(server: 
 
 
 async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningServer) -> None:
-    before = shm_entries()
+    before = shm_entries(server)
     client = await Client.connect(server)
     await client.hello(mint("vanish", "normal"))
     await client.send("start", avatar="astronaut", mode="live", transport="webrtc", audio={"format": "pcm_s16le"})
@@ -239,18 +240,18 @@ async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningS
             break
         await asyncio.sleep(0.1)
     assert len(video) >= 10, "live idle frames come through the shared ring"
-    assert len(shm_entries() - before) == 1, "one ring for the stream"
+    assert len(shm_entries(server) - before) == 1, "one ring for the stream"
     await client.ws.close()  # the client vanishes
     await pc.close()
     for task in tasks:
         task.cancel()
     wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slot comes back", server)
-    wait_for(lambda: not (shm_entries() - before), "the ring is unlinked", server)
+    wait_for(lambda: not (shm_entries(server) - before), "the ring is unlinked", server)
 
 
 async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: Path) -> None:
-    before = shm_entries()
     with run_server(tmp_path, MTS_ENGINE__SLOTS="2", **PROCESS_MODE) as running:
+        before = shm_entries(running)
         await asyncio.to_thread(wait_for, lambda: len(worker_pids(running)) == 2, "two worker processes", running)
         family = children(running.process.pid)
         client = await Client.connect(running)
@@ -263,7 +264,7 @@ async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: P
             if len(video) >= 5:
                 break
             await asyncio.sleep(0.1)
-        assert len(video) >= 5 and len(shm_entries() - before) == 1, "mid-stream, its ring exists"
+        assert len(video) >= 5 and len(shm_entries(running) - before) == 1, "mid-stream, its ring exists"
         running.process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(running.process.wait, 30)  # (uvicorn re-raises SIGTERM once shut down)
         await pc.close()
@@ -277,4 +278,4 @@ async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: P
             break
         await asyncio.sleep(0.1)
     assert not [p for p in family if alive(p)], "no orphan processes"
-    assert shm_entries() == before, "no leaked shared-memory segments"
+    assert shm_entries(running) == before == set(), "no leaked shared-memory segments"
