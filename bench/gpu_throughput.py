@@ -7,6 +7,11 @@ whisper-tiny) with random weights: speed does not depend on the values. On a CPU
 
     python bench/gpu_throughput.py                       # full size on cuda, fp16 and bf16
     python bench/gpu_throughput.py --small --device cpu --dtypes fp32 --batches 1,4 --seconds 2
+
+``--process`` also runs the live trials in the process architecture (``engine.process_mode =
+"process"``): the same random networks saved in the models layout, one spawned worker process
+loading them, streams opened through ``ProcessEnginePool`` with their frames coming back through
+shared memory (as WebRTC streams do), so the hand-off to the server process is in the figure.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -35,8 +41,12 @@ from inference.musetalk.configs import (
 )
 from inference.musetalk.models import MuseTalkModels, PositionalEncoding, resolve_dtype
 from inference.musetalk.renderer import MuseTalkRenderer
-from inference.stream import EngineStream, StreamMode
+from inference.serving_engine import ServedStream
+from inference.stream import StreamMode
 from inference.worker import FrameWorker
+
+StreamOpener = Callable[[int], tuple[list[ServedStream], Callable[[], None]]]
+"""``open(n)``: ``n`` live streams, and what to call once the trial is over."""
 
 REFERENCE_TFLOP_PER_FRAME = 0.79
 WHISPER_TINY = {
@@ -98,23 +108,36 @@ def frames_per_second(renderer: MuseTalkRenderer, batch: int, iters: int) -> flo
     return batch * iters / (time.perf_counter() - start)
 
 
-def live_trial(
-    renderer: MuseTalkRenderer, avatar, streams: int, seconds: float, batching: bool, max_batch: int
-) -> dict[str, float]:
+def thread_streams(renderer: MuseTalkRenderer, avatar, batching: bool, max_batch: int) -> StreamOpener:
+    """Streams on frame workers in this process: one batching worker, or one loop per session."""
+
+    def open_streams(streams: int) -> tuple[list[ServedStream], Callable[[], None]]:
+        workers = (
+            [FrameWorker(renderer, max_batch=max_batch)]
+            if batching
+            else [FrameWorker(renderer, max_batch=1, name=f"loop-{i}") for i in range(streams)]
+        )
+        for w in workers:
+            w.start()
+        opened: list[ServedStream] = [
+            workers[i % len(workers)].open_stream(avatar, StreamMode.LIVE, buffer_frames=1000) for i in range(streams)
+        ]
+
+        def close() -> None:
+            for w in workers:
+                w.stop()
+
+        return opened, close
+
+    return open_streams
+
+
+def live_trial(open_streams: StreamOpener, streams: int, seconds: float) -> dict[str, float]:
     """``streams`` live sessions, each fed ``seconds`` of audio at once; frames are due at 25 fps on
     each stream's clock. Returns the 95th-percentile and worst lateness of speech frames after each
     stream's first half second (start-up: the first audio window and batch) and the mean start-up."""
-    workers = (
-        [FrameWorker(renderer, max_batch=max_batch)]
-        if batching
-        else [FrameWorker(renderer, max_batch=1, name=f"loop-{i}") for i in range(streams)]
-    )
-    for w in workers:
-        w.start()
+    opened, close = open_streams(streams)
     audio = (0.1 * np.sin(np.arange(int(seconds * FEATURE_SAMPLE_RATE)) / 7.0)).astype(np.float32)
-    opened: list[EngineStream] = [
-        workers[i % len(workers)].open_stream(avatar, StreamMode.LIVE, buffer_frames=1000) for i in range(streams)
-    ]
     for s in opened:
         s.feed(audio, np.repeat(audio, 3))
         s.end_audio()
@@ -137,8 +160,7 @@ def live_trial(
         time.sleep(0.002)
     for s in opened:
         s.cancel()
-    for w in workers:
-        w.stop()
+    close()
     if min(seen) < expected:
         return {"late_p95_s": float("inf"), "late_max_s": float("inf"), "first_frame_s": float("inf")}
     lateness.sort()
@@ -150,12 +172,12 @@ def live_trial(
 
 
 def sustained_streams(
-    renderer, avatar, seconds: float, batching: bool, max_batch: int, limit: int, tolerance: float
+    open_streams: StreamOpener, seconds: float, limit: int, tolerance: float
 ) -> tuple[int, list[dict[str, float]]]:
     """The most streams (doubling, then one by one) whose p95 lateness stays under ``tolerance``."""
     best, trials, n = 0, [], 1
     while n <= limit:
-        result = {"streams": n, **live_trial(renderer, avatar, n, seconds, batching, max_batch)}
+        result = {"streams": n, **live_trial(open_streams, n, seconds)}
         trials.append(result)
         if result["late_p95_s"] > tolerance:
             break
@@ -163,12 +185,62 @@ def sustained_streams(
         n *= 2
     step = best + 1
     while best and step < min(2 * best, limit + 1):
-        result = {"streams": step, **live_trial(renderer, avatar, step, seconds, batching, max_batch)}
+        result = {"streams": step, **live_trial(open_streams, step, seconds)}
         trials.append(result)
         if result["late_p95_s"] > tolerance:
             break
         best, step = step, step + 1
     return best, trials
+
+
+def write_models(root: Path, small: bool) -> Path:
+    """Random networks of the benchmark's size in the models layout (what a worker loads)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    from inference.musetalk.layout import ModelLayout
+
+    layout = ModelLayout(root)
+    unet_config = TINY_UNET if small else FULL_UNET
+    torch.manual_seed(0)
+    layout.unet_config.parent.mkdir(parents=True, exist_ok=True)
+    layout.unet_config.write_text(json.dumps({"_class_name": "UNet2DConditionModel", **unet_config}))
+    torch.save(UNet2DConditionModel(**unet_config).state_dict(), layout.unet_weights)
+    AutoencoderKL(**(TINY_VAE if small else FULL_VAE)).save_pretrained(str(layout.vae_dir), safe_serialization=False)
+    whisper = TINY_WHISPER if small else WHISPER_TINY
+    WhisperModel(WhisperConfig(**whisper)).save_pretrained(str(layout.whisper_dir))
+    WhisperFeatureExtractor(feature_size=whisper["num_mel_bins"]).save_pretrained(str(layout.whisper_dir))
+    return root
+
+
+def process_trials(args: argparse.Namespace, dtype: str, source: Path, folder: Path) -> dict[str, object]:
+    """The batched live trials with the renderer in a spawned worker process."""
+    from inference.pool import EngineConfig
+    from inference.procs.process_pool import ProcessEnginePool
+
+    started = time.perf_counter()
+    models = write_models(folder / "models", args.small)
+    config = EngineConfig(
+        kind="musetalk", models_dir=models, device=args.device, dtype=dtype, workers=1,
+        max_batch=args.stream_batch, data_dir=folder / "data",
+    )
+    pool = ProcessEnginePool(config)
+    try:
+        x, y, x2, y2 = BOX
+        avatar = pool.avatars.prepare("bench", "Bench", source, face_box=(x, y, x2 - x, y2 - y))
+        loaded = pool.avatars.get(avatar.id)
+        assert loaded is not None
+        print(f"  process mode: models written and one worker started in {time.perf_counter() - started:.0f} s")
+
+        def open_streams(streams: int) -> tuple[list[ServedStream], Callable[[], None]]:
+            opened: list[ServedStream] = [pool.open_stream(loaded, StreamMode.LIVE, buffer_frames=1000)
+                                          for _ in range(streams)]
+            return opened, lambda: None
+
+        best, trials = sustained_streams(open_streams, args.seconds, args.max_streams, args.tolerance)
+    finally:
+        pool.stop()
+    return {"sustained_streams": best, "trials": trials}
 
 
 def main() -> None:
@@ -185,6 +257,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.1, help="p95 lateness (s) that still counts as real time")
     parser.add_argument("--chunk-frames", type=int, default=4, help="live audio chunk (frames)")
     parser.add_argument("--skip-streams", action="store_true")
+    parser.add_argument("--process", action="store_true", help="also run the live trials in a worker process")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -227,13 +300,18 @@ def main() -> None:
             results = {}
             for label, batching in (("batched_worker", True), ("loop_per_session", False)):
                 best, trials = sustained_streams(
-                    renderer, avatar, args.seconds, batching, args.stream_batch, args.max_streams, args.tolerance
+                    thread_streams(renderer, avatar, batching, args.stream_batch), args.seconds, args.max_streams,
+                    args.tolerance,
                 )
                 results[label] = {"sustained_streams": best, "trials": trials}
                 print(
                     f"  {label}: {best} concurrent 25 fps streams "
                     f"(p95 lateness per trial: {[round(t['late_p95_s'], 3) for t in trials]})"
                 )
+            if args.process:
+                results["batched_worker_process"] = process_trials(args, name, source, Path(tmp))
+                print(f"  batched_worker_process: {results['batched_worker_process']['sustained_streams']} "
+                      "concurrent 25 fps streams")
             report["streams"][name] = results  # type: ignore[index]
         del models, renderer
         if device.type == "cuda":

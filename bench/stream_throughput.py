@@ -1,11 +1,17 @@
 """Streaming: time to the first media segment, encode cost, and the event loop while streams run.
 
-    python -m bench.stream_throughput --streams 8 --seconds 10
+    python -m bench.stream_throughput --streams 8 --seconds 10 --modes thread process --workers 2
 
 1. Encode cost: the fMP4 muxer (libx264 veryfast/zerolatency + AAC, one thread) on 512 px frames.
 2. The real server (lite engine) with ``--streams`` slots: that many clients start clips at once.
    For each: the time from ``granted`` to the first media segment and to ``done``; for the server:
-   the event-loop lag while they stream (p99, from its histogram) and the frames/s delivered.
+   the event-loop lag while they stream (p99, from its histogram) and the frames/s delivered;
+   then as many live sessions fed speech in real time, and the loop lag while they run. Once per
+   ``--modes``: worker threads in the server process, or ``--workers`` worker processes that
+   render and encode (``engine.process_mode``), in the same run.
+3. CPU cores per 25 fps stream, at 512 px and 1080p: 25 x (render + encode + hand-off) ms of
+   one core per frame (the lite engine renders the 512 px avatar; at 1080p only the encode and the
+   hand-off are measured at that size).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from bench.common import lag_buckets, lag_p99_between, percentile
@@ -27,8 +34,9 @@ from stream_server.transports.fmp4 import FragmentedMp4Muxer
 from tests.server_harness import Client, RunningServer, mint, run_server, tone_wav
 
 
-def encode_cost(preset: str, frames: int = 250) -> float:
-    """Milliseconds of one thread per frame of the shipped 512 px avatar talking, video and audio."""
+def encode_cost(preset: str, frames: int = 250, size: tuple[int, int] | None = None) -> float:
+    """Milliseconds of one thread per frame of the shipped 512 px avatar talking (scaled to
+    ``size``, width x height, when given), video and audio."""
     with tempfile.TemporaryDirectory() as tmp:
         renderer = LiteRenderer()
         store = AvatarStore(Path(tmp), renderer)
@@ -41,8 +49,10 @@ def encode_cost(preset: str, frames: int = 250) -> float:
         featurizer.finish()
         requests = [FrameRequest(avatar, i % avatar.cycle_length, f) for i, f in enumerate(featurizer.take(frames))]
         images = renderer.render(requests)
-    size = images[0].shape
-    muxer = FragmentedMp4Muxer(size[1], size[0], 25, threads=1, preset=preset)
+    if size is not None:
+        images = [cv2.resize(image, size, interpolation=cv2.INTER_LINEAR) for image in images]
+    height, width = images[0].shape[:2]
+    muxer = FragmentedMp4Muxer(width, height, 25, threads=1, preset=preset)
     audio = (0.1 * np.sin(np.arange(OUTPUT_SAMPLES_PER_FRAME) / 8)).astype(np.float32)
     batch = [Frame(i, image, audio) for i, image in enumerate(images)]
     start = time.thread_time()
@@ -88,9 +98,10 @@ async def live_stream(server: RunningServer, index: int, seconds: float) -> int:
     return len(client.media_bytes)
 
 
-async def run(streams: int, seconds: float) -> dict[str, object]:
+async def run(streams: int, seconds: float, mode: str, workers: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp, run_server(
-        Path(tmp), MTS_ENGINE__SLOTS=str(streams), MTS_LIMITS__START_BURST="1000"
+        Path(tmp), MTS_ENGINE__SLOTS=str(streams), MTS_LIMITS__START_BURST="1000",
+        MTS_ENGINE__PROCESS_MODE=mode, MTS_ENGINE__WORKERS=str(workers),
     ) as server:
         alone = [await one_stream(server, -1 - i, tone_wav(2.0 + 0.01 * i)) for i in range(5)]
         before = lag_buckets(server)
@@ -106,6 +117,8 @@ async def run(streams: int, seconds: float) -> dict[str, object]:
     firsts = [r["first_segment_ms"] for r in results]
     frames = sum(r["frames"] for r in results)
     return {
+        "mode": mode,
+        "workers": workers,
         "first_segment_ms_one_stream_p50": percentile([r["first_segment_ms"] for r in alone], 0.5),
         "streams": streams,
         "clip_seconds": seconds,
@@ -121,16 +134,61 @@ async def run(streams: int, seconds: float) -> dict[str, object]:
     }
 
 
+def render_cost(frames: int = 200) -> float:
+    """Milliseconds of one thread per speech frame of the lite engine, 512 px avatar."""
+    with tempfile.TemporaryDirectory() as tmp:
+        renderer = LiteRenderer()
+        store = AvatarStore(Path(tmp), renderer)
+        store.ensure_default()
+        avatar = store.get(DEFAULT_AVATAR_ID)
+        assert avatar is not None
+        featurizer = renderer.new_featurizer("clip")
+        t = np.arange(frames * FEATURE_SAMPLES_PER_FRAME) / 16_000
+        featurizer.push((0.4 * np.sin(2 * np.pi * 140 * t)).astype(np.float32))
+        featurizer.finish()
+        requests = [FrameRequest(avatar, i % avatar.cycle_length, f) for i, f in enumerate(featurizer.take(frames))]
+        start = time.thread_time()
+        for i in range(0, frames, 8):
+            renderer.render(requests[i : i + 8])
+        return 1000 * (time.thread_time() - start) / frames
+
+
+def cores_per_stream(preset: str) -> dict[str, float]:
+    from bench.frame_handoff import SIZES, through_ring
+
+    render = render_cost()
+    out: dict[str, float] = {"render_ms_per_frame_512px_lite": render}
+    for label, (height, width) in SIZES.items():
+        encode = encode_cost(preset, size=(width, height))
+        handoff, _ = through_ring(height, width, 100)
+        out[f"encode_ms_per_frame_{label}_{preset}"] = encode
+        out[f"cores_per_25fps_stream_{label}"] = 25 * (render + encode + handoff) / 1000
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--modes", nargs="+", choices=("thread", "process"), default=["thread", "process"])
+    parser.add_argument("--workers", type=int, default=2, help="frame workers (threads or processes)")
     args = parser.parse_args()
     result: dict[str, object] = {
         f"encode_ms_per_frame_512px_{preset}": encode_cost(preset) for preset in ("veryfast", "superfast")
     }
-    result.update(asyncio.run(run(args.streams, args.seconds)))
-    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
+    result.update(cores_per_stream("superfast"))
+    result["runs"] = [asyncio.run(run(args.streams, args.seconds, mode, args.workers)) for mode in args.modes]
+    print(json.dumps(_rounded(result), indent=2))
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ here, naming the missing files; ``auto`` logs a warning that says why it serves 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.avatars.cache import CacheStats, DeviceAvatarCache
 from inference.avatars.hot import HotAvatars
@@ -19,6 +21,10 @@ from inference.avatars.store import AvatarStore
 from inference.engine import PreparedAvatar, Renderer
 from inference.stream import EngineStream, StreamMode
 from inference.worker import FrameWorker
+from inference.worker_health import WorkerStatus, judge
+
+if TYPE_CHECKING:
+    from inference.serving_engine import EncodeOptions, ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class EngineConfig:
     device: str = "cuda"
     dtype: str = "fp16"
     workers: int = 1
+    process_mode: str = "thread"
     max_batch: int = 8
     data_dir: Path = Path("var")
     device_cache: int = 4
@@ -98,39 +105,61 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(workers)]
 
 
-def build_renderers(config: EngineConfig) -> list[Renderer]:
-    """One renderer per worker, of the kind ``choose_kind`` picks (slow: loads the models)."""
-    workers = max(1, config.workers)
-    kind = choose_kind(config)
+def build_renderer(config: EngineConfig, kind: str, device: str) -> Renderer:
+    """One worker's renderer of ``kind`` on ``device`` (slow: loads the models)."""
     if kind == "musetalk":
         from inference.musetalk import MuseTalkRenderer
 
-        renderers: list[Renderer] = []
-        for index, device in enumerate(worker_devices(config.device, workers)):
-            log.info("frame worker %d: MuseTalk on %s (%s)", index, device, config.dtype)
-            renderers.append(
-                MuseTalkRenderer.from_folder(
-                    config.models_dir,
-                    avatar_root(config),
-                    device=device,
-                    dtype=config.dtype,
-                    max_batch=config.max_batch,
-                )
-            )
-        return renderers
+        return MuseTalkRenderer.from_folder(
+            config.models_dir, avatar_root(config), device=device, dtype=config.dtype, max_batch=config.max_batch
+        )
     from inference.lite import LiteRenderer
 
-    log.info("%d frame worker(s): the lite engine on the CPU", workers)
-    return [LiteRenderer(avatar_root(config), max_batch=config.max_batch) for _ in range(workers)]
+    return LiteRenderer(avatar_root(config), max_batch=config.max_batch)
+
+
+def renderer_devices(config: EngineConfig, kind: str) -> list[str]:
+    """The device of each worker's renderer (the lite engine renders on the CPU)."""
+    workers = max(1, config.workers)
+    return worker_devices(config.device, workers) if kind == "musetalk" else ["cpu"] * workers
+
+
+def build_renderers(config: EngineConfig) -> list[Renderer]:
+    """One renderer per worker, of the kind ``choose_kind`` picks (slow: loads the models)."""
+    kind = choose_kind(config)
+    devices = renderer_devices(config, kind)
+    if kind == "musetalk":
+        for index, device in enumerate(devices):
+            log.info("frame worker %d: MuseTalk on %s (%s)", index, device, config.dtype)
+    else:
+        log.info("%d frame worker(s): the lite engine on the CPU", len(devices))
+    return [build_renderer(config, kind, device) for device in devices]
+
+
+def open_engine(config: EngineConfig) -> ServingEngine:
+    """``engine.process_mode``: worker threads in this process, or supervised worker processes."""
+    if config.process_mode == "process":
+        from inference.procs.process_pool import ProcessEnginePool
+
+        return ProcessEnginePool(config)
+    if config.process_mode != "thread":
+        raise ValueError(f'engine.process_mode must be "thread" or "process", not {config.process_mode!r}')
+    return EnginePool(config)
 
 
 class EnginePool:
-    """Workers sharing one avatar store. Each worker has a device cache of the avatars it holds;
-    a new stream goes to the least loaded worker, or to one holding its avatar when that worker
-    has at most one stream more (``choose_worker``)."""
+    """Worker threads sharing one avatar store. Each worker has a device cache of the avatars it
+    holds; a new stream goes to the least loaded worker that serves (``inference.worker_health``),
+    or to one holding its avatar when that worker has at most one stream more (``choose_worker``)."""
+
+    encodes_in_workers = False
+    """MSE streams are encoded by their sender's thread in this process."""
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
+        self.on_capacity: Callable[[], object] = lambda: None
+        """Threads do not go down: only a slow or stalled worker leaves the capacity (the node
+        sees that in ``worker_status``)."""
         renderers = renderers or build_renderers(config)
         self.name = renderers[0].name
         self.version = renderers[0].preparation_version
@@ -148,6 +177,7 @@ class EnginePool:
             disk_bytes=config.disk_bytes,
             is_hot=self.hot.is_hot,
         )
+        self._capacities = [0.0] * len(self.workers)
 
     def start(self) -> None:
         for worker in self.workers:
@@ -158,13 +188,28 @@ class EnginePool:
             worker.stop()
 
     def open_stream(
-        self, avatar: PreparedAvatar, mode: StreamMode, **options: object
+        self,
+        avatar: PreparedAvatar,
+        mode: StreamMode,
+        *,
+        buffer_frames: int = 50,
+        on_output: Callable[[], None] | None = None,
+        background: bool = False,
+        encode: EncodeOptions | None = None,
     ) -> EngineStream:
-        index = choose_worker(
-            [w.active_streams for w in self.workers], [self._holds(i, avatar) for i in range(len(self.workers))]
-        )
+        if encode is not None:
+            raise ValueError("worker threads do not encode: the MSE sender does (encodes_in_workers is False)")
+        serving = [s.serving for s in self.worker_status()]
+        candidates = [i for i, ok in enumerate(serving) if ok] or list(range(len(self.workers)))
+        index = candidates[
+            choose_worker(
+                [self.workers[i].active_streams for i in candidates], [self._holds(i, avatar) for i in candidates]
+            )
+        ]
         self._hold(index, avatar)
-        return self.workers[index].open_stream(avatar, mode, **options)  # type: ignore[arg-type]
+        return self.workers[index].open_stream(
+            avatar, mode, buffer_frames=buffer_frames, on_output=on_output, background=background
+        )
 
     def holders(self, avatar_id: str) -> list[int]:
         """The workers whose device cache holds ``avatar_id``."""
@@ -201,10 +246,25 @@ class EnginePool:
 
     def measure_capacity(self, avatar: PreparedAvatar) -> float:
         """Frames a second all workers sustain together (measured before they start)."""
-        return sum(worker.measure_capacity(avatar) for worker in self.workers)
+        self._capacities = [worker.measure_capacity(avatar) for worker in self.workers]
+        return sum(self._capacities)
+
+    def capacity(self) -> float:
+        return sum(c for c, s in zip(self._capacities, self.worker_status(), strict=True) if s.serving)
 
     def frames_per_second(self) -> float:
         return sum(w.frames_per_second() for w in self.workers)
+
+    def take_batch_sizes(self) -> list[list[int]]:
+        return [w.take_batch_sizes() for w in self.workers]
+
+    def worker_status(self) -> list[WorkerStatus]:
+        stats = [w.stats() for w in self.workers]
+        reasons = judge([True] * len(stats), stats, [0.0] * len(stats))
+        return [
+            WorkerStatus(w.name, s, True, 0, why is None, why)
+            for w, s, why in zip(self.workers, stats, reasons, strict=True)
+        ]
 
 
 def choose_worker(loads: list[int], holds: list[bool]) -> int:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,6 +53,41 @@ class RenderRate:
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
 
+class RenderSpeed:
+    """Frames per second of time spent inside ``render``: how fast the worker renders when it
+    works, whatever its load (what tells a slow worker from an idle one)."""
+
+    def __init__(self, keep: int = 512) -> None:
+        self._lock = threading.Lock()
+        self._batches: deque[tuple[float, int, float]] = deque(maxlen=keep)
+
+    def record(self, frames: int, seconds: float, at: float) -> None:
+        with self._lock:
+            self._batches.append((at, frames, seconds))
+
+    def per_second(self, window_s: float, now: float) -> float:
+        """Frames per busy second over the batches of the last ``window_s`` seconds; 0 if none."""
+        with self._lock:
+            recent = [(n, s) for t, n, s in self._batches if now - t <= window_s]
+        busy = sum(s for _, s in recent)
+        return sum(n for n, _ in recent) / busy if busy > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """One worker as the node's metrics and its health check see it."""
+
+    frames_per_second: float
+    """Frames rendered per second of wall time (its load)."""
+    render_speed: float
+    """Frames rendered per second of time inside ``render`` (its speed; 0 until it rendered)."""
+    streams: int
+    queue_depth: int
+    """Speech frames whose features are ready, all streams, at the last round."""
+    busy_s: float
+    """How long the render running now has taken (0 when none runs)."""
+
+
 class FrameWorker:
     """Owns a renderer and the only thread that calls it."""
 
@@ -68,6 +104,10 @@ class FrameWorker:
         self.frames_rendered = 0
         self.batches = 0
         self._rate = RenderRate()
+        self._speed = RenderSpeed()
+        self._batch_sizes: list[int] = []
+        self._queue_depth = 0
+        self._render_started: float | None = None
 
     # ----- lifecycle -----
 
@@ -118,6 +158,22 @@ class FrameWorker:
         """Measured render rate over the last ``window_s`` seconds of busy time."""
         return self._rate.per_second(window_s, time.monotonic())
 
+    def stats(self) -> WorkerStats:
+        now = time.monotonic()
+        with self._lock:
+            streams = len(self._streams)
+            started = self._render_started
+        return WorkerStats(
+            self.frames_per_second(), self._speed.per_second(10.0, now), streams, self._queue_depth,
+            0.0 if started is None else now - started,
+        )
+
+    def take_batch_sizes(self) -> list[int]:
+        """Frames per render call since the previous call (the metrics' batch-size histogram)."""
+        with self._lock:
+            sizes, self._batch_sizes = self._batch_sizes, []
+        return sizes
+
     def measure_capacity(self, avatar: PreparedAvatar, batches: int = 3) -> float:
         """Frames a second this worker's renderer sustains at full batches of ``avatar``'s frames
         driven by speech-like audio. Call before ``start`` (it uses the renderer directly)."""
@@ -155,7 +211,9 @@ class FrameWorker:
             self._streams = streams
         for stream in streams:
             stream.apply_inputs()
-        plan = self.scheduler.schedule([s.snapshot() for s in streams], time.monotonic())
+        snapshots = [s.snapshot() for s in streams]
+        self._queue_depth = sum(s.ready for s in snapshots)
+        plan = self.scheduler.schedule(snapshots, time.monotonic())
         for i in plan.finish:
             streams[i].finish()
         for i in plan.idle:
@@ -176,6 +234,9 @@ class FrameWorker:
                 requests.append(FrameRequest(stream.avatar, index % stream.avatar.cycle_length, features))
                 indices.append(index)
             reserved.append((stream, indices))
+        started = time.monotonic()
+        with self._lock:
+            self._render_started = started
         try:
             images = self.renderer.render(requests)
             if len(images) != len(requests):
@@ -185,10 +246,18 @@ class FrameWorker:
             for stream, _ in reserved:
                 stream.fail(exc)
             return
+        finally:
+            with self._lock:
+                self._render_started = None
+        done = time.monotonic()
         start = 0
         for stream, indices in reserved:
             stream.deliver(list(zip(indices, images[start : start + len(indices)], strict=True)), speech=True)
             start += len(indices)
         self.frames_rendered += len(images)
         self.batches += 1
-        self._rate.record(len(images), time.monotonic())
+        self._rate.record(len(images), done)
+        self._speed.record(len(images), done - started, done)
+        with self._lock:
+            if len(self._batch_sizes) < 4096:  # (handed over about once a second, to the metrics)
+                self._batch_sizes.append(len(images))

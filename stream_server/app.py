@@ -23,7 +23,7 @@ from inference.avatars.jobs import AvatarBusy, JobStatus, PreparationJob
 from inference.avatars.layout import InvalidAvatarId, is_avatar_id, validate_avatar_id
 from inference.avatars.preparer import PreparationsFull
 from inference.engine import AvatarInfo
-from inference.pool import EnginePool
+from inference.serving_engine import ServingEngine
 from stream_server.avatar_upload import UploadRefused, receive_avatar_upload
 from stream_server.hello_deadline import HelloDeadline
 from stream_server.node import Node
@@ -429,7 +429,7 @@ class StreamServerApp:
     """The Starlette app for HTTP, with the session socket dispatched before its middleware stack:
     a waiting client then holds only the frames it needs, which keeps memory per client small."""
 
-    def __init__(self, settings: Settings, engine: EnginePool | None) -> None:
+    def __init__(self, settings: Settings, engine: ServingEngine | None) -> None:
         self.settings = settings
         self.node: Node | None = None
 
@@ -470,5 +470,5 @@ class StreamServerApp:
         await self.http(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, engine: EnginePool | None = None) -> StreamServerApp:
+def create_app(settings: Settings | None = None, *, engine: ServingEngine | None = None) -> StreamServerApp:
     return StreamServerApp(settings or Settings(), engine)

@@ -12,10 +12,12 @@ from prometheus_client.registry import Collector
 from inference.avatars.cache import CacheStats
 
 if TYPE_CHECKING:
+    from inference.worker_health import WorkerStatus
     from stream_server.outbox import OutboxTally
     from stream_server.upload_budget import UploadBudget
 
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 900)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -58,6 +60,26 @@ class Metrics:
         )
         self.frames = Counter("mts_frames_total", "Video frames streamed", registry=r)
         self.render_fps = Gauge("mts_render_frames_per_second", "Measured render rate, all workers", registry=r)
+        self._restarts_seen: dict[str, int] = {}
+        self.worker_fps = Gauge("mts_worker_frames_per_second", "Render rate of each worker", ["worker"], registry=r)
+        self.worker_streams = Gauge("mts_worker_streams", "Streams (busy slots) on each worker", ["worker"], registry=r)
+        self.worker_queue_depth = Gauge(
+            "mts_worker_queue_depth", "Speech frames ready to render, per worker", ["worker"], registry=r
+        )
+        self.worker_batch_size = Histogram(
+            "mts_worker_batch_size", "Frames per render call, per worker", ["worker"], buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.worker_restarts = Counter(
+            "mts_worker_restarts_total", "Worker processes restarted", ["worker"], registry=r
+        )
+        self.worker_up = Gauge(
+            "mts_worker_up", "1 while the worker is running, 0 while it is down", ["worker"], registry=r
+        )
+        self.worker_serving = Gauge(
+            "mts_worker_serving", "1 while the worker counts in the capacity (up, not stalled, not slow)", ["worker"],
+            registry=r,
+        )
         self.service = Histogram(
             "mts_service_seconds", "How long a granted session held its slot", ["mode"],
             buckets=WAIT_BUCKETS, registry=r,
@@ -92,6 +114,21 @@ class Metrics:
         self.outbox_bytes = Gauge(
             "mts_outbox_bytes", "Bytes queued for clients and not yet written, all sockets together", registry=r
         )
+
+    def report_workers(self, status: list[WorkerStatus], batch_sizes: list[list[int]]) -> None:
+        """Per worker (label ``worker``: one value per configured worker, so bounded)."""
+        for row, sizes in zip(status, batch_sizes, strict=True):
+            name = row.name
+            self.worker_fps.labels(name).set(row.stats.frames_per_second)
+            self.worker_streams.labels(name).set(row.stats.streams)
+            self.worker_queue_depth.labels(name).set(row.stats.queue_depth)
+            self.worker_up.labels(name).set(1 if row.up else 0)
+            self.worker_serving.labels(name).set(1 if row.serving else 0)
+            self.worker_restarts.labels(name).inc(max(0, row.restarts - self._restarts_seen.get(name, 0)))
+            self._restarts_seen[name] = row.restarts
+            histogram = self.worker_batch_size.labels(name)
+            for size in sizes:
+                histogram.observe(size)
 
     def watch_outboxes(self, tally: OutboxTally) -> None:
         self.outbox_bytes.set_function(lambda: tally.bytes)

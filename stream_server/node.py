@@ -13,7 +13,8 @@ from pathlib import Path
 
 from inference.avatars.preparer import AvatarPreparer
 from inference.engine import FPS
-from inference.pool import EngineConfig, EnginePool
+from inference.pool import EngineConfig, open_engine
+from inference.serving_engine import ServingEngine
 from stream_server.admission.admission import Admission
 from stream_server.admission.memory import MemoryAdmissionStore
 from stream_server.admission.policy import AdmissionPolicy
@@ -38,6 +39,7 @@ from stream_server.upload_budget import UploadBudget
 
 log = logging.getLogger(__name__)
 GC_THRESHOLDS = (20_000, 50, 100)
+WORKER_CHECK_S = 1.0
 
 
 def stream_url(public_url: str) -> str:
@@ -89,6 +91,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         device=engine.device,
         dtype=engine.dtype,
         workers=engine.workers,
+        process_mode=engine.process_mode,
         max_batch=engine.max_batch,
         data_dir=settings.server.data_dir,
         device_cache=settings.avatars.device_cache,
@@ -120,7 +123,7 @@ def clip_store(settings: Settings) -> ClipStore:
 class Node:
     """Constructed on the loop without blocking; ``start`` loads the engine in a thread."""
 
-    def __init__(self, settings: Settings, *, engine: EnginePool | None = None) -> None:
+    def __init__(self, settings: Settings, *, engine: ServingEngine | None = None) -> None:
         settings.check()
         self.settings = settings
         self.metrics = Metrics()
@@ -160,9 +163,13 @@ class Node:
         self._services: SessionServices | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.slots_total.set(settings.engine.slots)
+        self._full_slots = settings.engine.slots
+        """The slots with every worker serving (``engine.slots``, or as measured)."""
+        self._slots = settings.engine.slots
+        self._serving: list[bool] | None = None
 
     @property
-    def engine(self) -> EnginePool:
+    def engine(self) -> ServingEngine:
         if self._engine is None:
             raise RuntimeError("the node has not started: no engine yet")
         return self._engine
@@ -171,13 +178,15 @@ class Node:
 
     async def start(self) -> None:
         if self._engine is None:
-            self._engine = await asyncio.to_thread(EnginePool, engine_config(self.settings))
+            self._engine = await asyncio.to_thread(open_engine, engine_config(self.settings))
         engine = self._engine
         self.metrics.watch_avatar_caches(engine.cache_stats)
         default = await asyncio.to_thread(engine.avatars.ensure_default)
         self.preparer = AvatarPreparer(engine.avatars, max_pending=self.settings.avatars.prepare_queue)
         if self.settings.engine.slots == 0:
             await self._calibrate_slots(default.id)
+        loop = asyncio.get_running_loop()
+        engine.on_capacity = lambda: loop.call_soon_threadsafe(self._check_workers)
         engine.start()
         serving = Serving(self.settings, engine, self.clips, self.metrics)
         pregen = None
@@ -208,6 +217,7 @@ class Node:
         self._tasks = [
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.loop_lag.run(), name="loop-lag"),
+            asyncio.create_task(self._watch_workers(), name="workers"),
         ]
         if pregen is not None:
             self._tasks.append(asyncio.create_task(pregen.run(), name="pregen"))
@@ -269,9 +279,45 @@ class Node:
         if avatar is None:
             raise RuntimeError(f"the default avatar {avatar_id!r} could not be loaded")
         fps = await asyncio.to_thread(self.engine.measure_capacity, avatar)
-        engine = self.settings.engine
-        slots = max(1, min(engine.max_slots, int(fps * engine.capacity_headroom / FPS)))
+        slots = self._slots_for(fps)
         log.info("measured %.0f frames/s: admitting %d sessions at once", fps, slots)
+        self._full_slots = self._slots = slots
+        await self.admission.set_slots(slots)
+        self.metrics.slots_total.set(slots)
+
+    def _slots_for(self, fps: float) -> int:
+        engine = self.settings.engine
+        return max(1, min(engine.max_slots, int(fps * engine.capacity_headroom / FPS)))
+
+    async def _watch_workers(self) -> None:
+        """Once a second: the per-worker metrics, and the capacity when a worker stalls or
+        turns slow (deaths and restarts are told at once, through ``on_capacity``)."""
+        while True:
+            await asyncio.sleep(WORKER_CHECK_S)
+            self._check_workers()
+
+    def _check_workers(self) -> None:
+        engine = self.engine
+        status = engine.worker_status()
+        self.metrics.report_workers(status, engine.take_batch_sizes())
+        serving = [s.serving for s in status]
+        if serving == self._serving:
+            return
+        for i, row in enumerate(status):
+            if row.why_out is not None and (self._serving is None or self._serving[i]):
+                log.warning("%s is out of the capacity: %s", row.name, row.why_out)
+        self._serving = serving
+        if self.settings.engine.slots == 0:
+            slots = self._slots_for(engine.capacity())
+        else:
+            slots = max(1, self._full_slots * sum(serving) // len(serving))
+        if slots != self._slots:
+            self._slots = slots
+            log.info("worker capacity changed (%d of %d serve): admitting %d sessions at once", sum(serving),
+                     len(serving), slots)
+            self._tasks.append(asyncio.create_task(self._set_slots(slots), name="set-slots"))
+
+    async def _set_slots(self, slots: int) -> None:
         await self.admission.set_slots(slots)
         self.metrics.slots_total.set(slots)
 

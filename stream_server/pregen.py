@@ -15,8 +15,8 @@ import asyncio
 import logging
 import time
 
-from inference.pool import EnginePool
-from inference.stream import EngineStream, StreamMode, StreamState
+from inference.serving_engine import ServedStream, ServingEngine
+from inference.stream import StreamMode, StreamState
 from stream_server.admission.admission import Admission
 from stream_server.audio_input import AudioInput
 from stream_server.clips import ClipStore
@@ -44,7 +44,7 @@ class BackgroundPregen:
     def __init__(
         self,
         settings: Settings,
-        engine: EnginePool,
+        engine: ServingEngine,
         clips: ClipStore,
         templates: TemplateLibrary,
         admission: Admission[RequestOwner],
@@ -61,7 +61,7 @@ class BackgroundPregen:
         self.metrics = metrics
         self.upload_budget = upload_budget
         self.top_k = settings.templates.pregen_top_k
-        self._stream: EngineStream | None = None
+        self._stream: ServedStream | None = None
         self._yielded = False
         self._joins = 0
         """Users who joined so far: a render decided before one joined does not start."""
@@ -124,9 +124,7 @@ class BackgroundPregen:
             audio.close()
         if avatar is None or not await self._idle() or self._joins != joins:
             return
-        stream = self.engine.open_stream(
-            avatar, StreamMode.CLIP, buffer_frames=self.settings.engine.stream_buffer_frames, background=True
-        )
+        stream = self.serving.open_stream(avatar, StreamMode.CLIP, mse=True, background=True)
         self._stream, self._yielded = stream, False
         self.metrics.pregen_active.set(1)
         for pcm in decoded:

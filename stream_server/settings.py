@@ -123,6 +123,7 @@ class EngineSettings(BaseModel):
     device: str = "cuda"
     dtype: Literal["fp32", "fp16", "bf16"] = "fp16"
     workers: int = 1
+    process_mode: Literal["thread", "process"] = "thread"
     slots: int = 4
     max_slots: int = 64
     capacity_headroom: float = 0.8

@@ -7,7 +7,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from inference.stream import EngineStream
+from inference.serving_engine import ServedStream
 from stream_server.audio_input import AudioInput, Pcm
 from stream_server.protocol import ErrorCode, JsonId, Start
 from stream_server.transports.webrtc import WebRtcSender
@@ -71,7 +71,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     frames_total: int | None = None
     clip_key: str | None = None
-    stream: EngineStream | None = None
+    stream: ServedStream | None = None
     task: asyncio.Task[None] | None = None
     granted_at: float = 0.0
     media_started: bool = False

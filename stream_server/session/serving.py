@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from inference.engine import FPS
-from inference.pool import EnginePool
-from inference.stream import EngineStream, StreamMode, StreamState
+from inference.engine import FPS, PreparedAvatar
+from inference.serving_engine import EncodeOptions, ServedStream, ServingEngine
+from inference.stream import StreamMode, StreamState
 from stream_server.clips import ClipStore, clip_key
 from stream_server.metrics import Metrics
 from stream_server.outbox import Outbox, OutboxClosed
@@ -53,7 +54,7 @@ class CachedClip:
 @dataclass(frozen=True)
 class Serving:
     settings: Settings
-    engine: EnginePool
+    engine: ServingEngine
     clips: ClipStore
     metrics: Metrics
 
@@ -150,12 +151,16 @@ class Serving:
             raise ProtocolError(ErrorCode.UNKNOWN_AVATAR, f"avatar {request.start.avatar!r} is gone")
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        stream = self.engine.open_stream(
+
+        def wake_sender() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        stream = self.open_stream(
             avatar,
             StreamMode(request.start.mode),
-            buffer_frames=self.settings.engine.stream_buffer_frames,
+            mse=request.offer is None,
             # the WebRTC sender waits on the loop; the MSE encoder waits in its own thread
-            on_output=(lambda: loop.call_soon_threadsafe(ready.set)) if request.offer is not None else None,
+            on_output=wake_sender if request.offer is not None else None,
         )
         request.stream = stream
         request.status = RequestStatus.STREAMING
@@ -168,8 +173,29 @@ class Serving:
         finally:
             stream.cancel()
 
+    def open_stream(
+        self,
+        avatar: PreparedAvatar,
+        mode: StreamMode,
+        *,
+        mse: bool,
+        on_output: Callable[[], None] | None = None,
+        background: bool = False,
+    ) -> ServedStream:
+        """A stream on the engine; an MSE one comes back encoded where the workers encode."""
+        s = self.settings.stream
+        encode = EncodeOptions(s.segment_s, s.video_crf, s.x264_preset, s.audio_bitrate)
+        return self.engine.open_stream(
+            avatar,
+            mode,
+            buffer_frames=self.settings.engine.stream_buffer_frames,
+            on_output=on_output,
+            background=background,
+            encode=encode if mse and self.engine.encodes_in_workers else None,
+        )
+
     async def _send_until_idle(
-        self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox
+        self, request: Request, stream: ServedStream, ready: asyncio.Event, outbox: Outbox
     ) -> StreamResult:
         """Send the stream; a live one ends with ``LiveIdle`` after ``live_idle_timeout_s``
         without audio (each piece of audio puts the deadline back)."""
@@ -187,7 +213,7 @@ class Serving:
         finally:
             request.on_audio = None
 
-    async def _send(self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox) -> StreamResult:
+    async def _send(self, request: Request, stream: ServedStream, ready: asyncio.Event, outbox: Outbox) -> StreamResult:
         if request.offer is not None:
             return await self._serve_webrtc(request, stream, ready, outbox)
         sender = MseSender(
@@ -204,7 +230,7 @@ class Serving:
         return await sender.run()
 
     async def _serve_webrtc(
-        self, request: Request, stream: EngineStream, ready: asyncio.Event, outbox: Outbox
+        self, request: Request, stream: ServedStream, ready: asyncio.Event, outbox: Outbox
     ) -> StreamResult:
         """Wait for the client's offer, answer it, then pace the stream into the peer connection."""
         assert request.offer is not None

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from inference.engine import FPS
-from inference.pool import EnginePool
+from inference.serving_engine import ServingEngine
 from stream_server.admission.admission import Admission
 from stream_server.admission.policy import IdentityBusy, QueueFull, Ticket
 from stream_server.admission.store import Grant, StoreUnavailable
@@ -65,7 +65,7 @@ class SessionServices:
 
     settings: Settings
     auth: Authenticator
-    engine: EnginePool
+    engine: ServingEngine
     admission: Admission[RequestOwner]
     dispatcher: Dispatcher[RequestOwner]
     serving: Serving

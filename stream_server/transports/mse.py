@@ -4,7 +4,11 @@ The sequence on the socket is ``stream`` (mime, size, fps) once the first segmen
 segment as one binary message, then media segments as they are cut.
 
 The encoder thread takes frames from the engine stream itself (``EngineStream.wait_frames``),
-encodes them and keeps the stored clip; only encoded segments and frame counts reach the event loop.
+encodes them (``encode_loop``) and keeps the stored clip; only encoded segments and frame counts
+reach the event loop. In process mode (``engine.process_mode = "process"``) the worker process
+encodes with the same loop, and this thread only relays its segments (``RemoteStream.wait_segments``)
+and keeps the clip, acknowledging each batch once the loop has it.
+
 The thread waits until the loop has put each batch of segments into the outbox, and the outbox
 waits for room while a slow client has too much media unread: so the encoder stops, the engine
 stream's own buffer fills and its worker stops rendering for this session, and no other session.
@@ -21,21 +25,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference.engine import FPS
+from inference.procs.remote_stream import RemoteStream
+from inference.serving_engine import ServedStream
 from inference.stream import EngineStream, StreamState
 from stream_server.clips import ClipWriter
 from stream_server.outbox import Outbox
 from stream_server.protocol import Progress
 from stream_server.settings import StreamSettings
 from stream_server.transports.announce import stream_start
+from stream_server.transports.encode_loop import PROGRESS_EVERY_FRAMES, encode_stream
 from stream_server.transports.fmp4 import FragmentedMp4Muxer, split_boxes
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_FRAMES = FPS // 2
-ENCODE_BATCH_FRAMES = 4
-"""Frames the encoder takes at a time: a segment leaves as soon as its last frame is encoded,
-even when the renderer is far ahead (taking the whole buffer delayed the first segment until
-every buffered frame was encoded)."""
 
 
 @dataclass
@@ -97,7 +98,7 @@ class MseSender:
 
     def __init__(
         self,
-        stream: EngineStream,
+        stream: ServedStream,
         outbox: Outbox,
         settings: StreamSettings,
         *,
@@ -167,13 +168,34 @@ class MseSender:
             log.debug("encoder of a stream outlived its event loop")
 
     def _encode_stream(self, loop: asyncio.AbstractEventLoop) -> str | None:
-        """Encode every frame of the stream; returns the stored clip's key once the stream finished
-        (``None`` when it did not, or when there is no clip to keep)."""
-        width, height = self.stream.avatar.info.width, self.stream.avatar.info.height
+        """Encode (process mode: relay the worker's segments of) every frame of the stream;
+        returns the stored clip's key once the stream finished (``None`` when it did not, or when
+        there is no clip to keep)."""
+        writer = _SegmentWriter(self.open_clip)
+        try:
+            if isinstance(self.stream, RemoteStream):
+                finished = self._relay_segments(loop, self.stream, writer)
+            elif isinstance(self.stream, EngineStream):
+                finished = self._encode_frames(loop, self.stream, writer)
+            else:
+                raise TypeError(f"an MSE sender cannot send a {type(self.stream).__name__}")
+            if not finished or writer.clip is None or writer.init is None:
+                return None
+            init = writer.init
+            meta = {"mime": init.mime, "width": init.width, "height": init.height, "fps": FPS,
+                    "frames": writer.frames}
+            return writer.commit(meta)
+        except (SenderStopped, concurrent.futures.CancelledError):
+            return None
+        finally:
+            writer.abandon()
+
+    def _encode_frames(self, loop: asyncio.AbstractEventLoop, stream: EngineStream, writer: _SegmentWriter) -> bool:
+        info = stream.avatar.info
         settings = self.settings
         muxer = FragmentedMp4Muxer(
-            width,
-            height,
+            info.width,
+            info.height,
             FPS,
             segment_seconds=settings.segment_s,
             crf=settings.video_crf,
@@ -181,28 +203,24 @@ class MseSender:
             audio_bitrate=settings.audio_bitrate,
             threads=1,
         )
-        writer = _SegmentWriter(muxer, self.open_clip)
+
+        def emit(segments: list[bytes], frames: int) -> None:
+            self._hand_over(loop, writer.batch(writer.keep(segments, _init_of(muxer)), frames))
+
         try:
-            unsent = 0
-            while frames := self.stream.wait_frames(ENCODE_BATCH_FRAMES):
-                segments = writer.keep(muxer.encode(frames))
-                unsent += len(frames)
-                # progress only once the client has heard ``stream``: it comes with the first segment
-                if segments or (unsent >= PROGRESS_EVERY_FRAMES and writer.started):
-                    self._hand_over(loop, writer.batch(segments, unsent))
-                    unsent = 0
-            if self.stream.state is not StreamState.FINISHED:
-                return None
-            self._hand_over(loop, writer.batch(writer.keep(muxer.close()), unsent))
-            if writer.clip is None:
-                return None
-            meta = {"mime": muxer.mime, "width": muxer.width, "height": muxer.height, "fps": FPS,
-                    "frames": writer.frames}
-            return writer.commit(meta)
-        except (SenderStopped, concurrent.futures.CancelledError):
-            return None
+            return encode_stream(stream, muxer, emit)
         finally:
-            writer.abandon()
+            muxer.close()
+
+    def _relay_segments(self, loop: asyncio.AbstractEventLoop, stream: RemoteStream, writer: _SegmentWriter) -> bool:
+        """Process mode: the worker encoded; hand its segments on, one batch at a time."""
+        init: InitSegment | None = None
+        while (batch := stream.wait_segments()) is not None:
+            if batch.init is not None:
+                init = InitSegment(batch.init, batch.mime, batch.width, batch.height)
+            self._hand_over(loop, writer.batch(writer.keep(batch.segments, init), batch.frames))
+            stream.ack()
+        return stream.state is StreamState.FINISHED
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop, batch: EncodedBatch) -> None:
         """Give the loop a batch and wait until it is in the outbox (the backpressure)."""
@@ -219,30 +237,37 @@ def _settle(future: asyncio.Future[str | None], outcome: str | BaseException | N
         future.set_result(outcome)
 
 
+def _init_of(muxer: FragmentedMp4Muxer) -> InitSegment | None:
+    data = muxer.init_segment
+    return None if data is None else InitSegment(data, muxer.mime, muxer.width, muxer.height)
+
+
 class _SegmentWriter:
     """Encoder-thread state: the init segment owed to the client, and the stored clip (opened
     with the first segment, committed at the end, discarded otherwise)."""
 
-    def __init__(self, muxer: FragmentedMp4Muxer, open_clip: Callable[[], ClipWriter | None]) -> None:
-        self.muxer = muxer
+    def __init__(self, open_clip: Callable[[], ClipWriter | None]) -> None:
         self.open_clip = open_clip
         self.clip: ClipWriter | None = None
+        self.init: InitSegment | None = None
         self.frames = 0
-        self._started = False
         self._init_owed = True
         self._committed = False
 
     @property
     def started(self) -> bool:
-        return self._started
+        return self.init is not None
 
-    def keep(self, segments: list[bytes]) -> list[bytes]:
-        if segments and not self._started:
-            self._started = True
+    def keep(self, segments: list[bytes], init: InitSegment | None) -> list[bytes]:
+        """Store ``segments``; ``init`` is the stream's init segment, known once the first
+        media segment is cut."""
+        if segments and self.init is None:
+            if init is None:
+                raise RuntimeError("media segments came before the init segment")
+            self.init = init
             self.clip = self.open_clip()
             if self.clip is not None:
-                assert self.muxer.init_segment is not None
-                self.clip.write(self.muxer.init_segment)
+                self.clip.write(init.data)
         if self.clip is not None:
             for seg in segments:
                 self.clip.write(seg)
@@ -253,9 +278,7 @@ class _SegmentWriter:
         init = None
         if segments and self._init_owed:
             self._init_owed = False
-            muxer = self.muxer
-            assert muxer.init_segment is not None
-            init = InitSegment(muxer.init_segment, muxer.mime, muxer.width, muxer.height)
+            init = self.init
         return EncodedBatch(segments, frames, init)
 
     def commit(self, meta: dict[str, object]) -> str:
@@ -265,7 +288,6 @@ class _SegmentWriter:
         return key
 
     def abandon(self) -> None:
-        self.muxer.close()
         if self.clip is not None and not self._committed:
             self.clip.discard()
 

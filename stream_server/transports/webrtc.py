@@ -50,7 +50,8 @@ from aiortc.sdp import SessionDescription
 from av import AudioFrame, VideoFrame
 
 from inference.engine import FPS, OUTPUT_SAMPLE_RATE, OUTPUT_SAMPLES_PER_FRAME, Frame
-from inference.stream import EngineStream, StreamMode, StreamState
+from inference.serving_engine import ServedStream
+from inference.stream import StreamMode, StreamState
 from stream_server.transports.mse import StreamResult
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ class WebRtcSender:
 
     def __init__(
         self,
-        stream: EngineStream,
+        stream: ServedStream,
         ready: asyncio.Event,
         ice_servers: Sequence[Mapping[str, Any]] | None = None,
         *,
