@@ -15,19 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import pytest
 import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from tests.reliability.clients import vanish, wait_holds_nothing
 from tests.server_harness import RunningServer, mint, run_server, tone_wav
 
 MAX_MESSAGE_BYTES = 65_536
@@ -310,11 +308,7 @@ class Play:
                 async with asyncio.timeout(5):
                     await conn.ws.close()
         elif conn.reader is not None and not conn.reader.done():  # still open
-            if how == "reset":
-                sock = conn.ws.transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.ws.transport.abort()
+            vanish(conn.ws, how)
         assert conn.reader is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
@@ -332,31 +326,6 @@ class Play:
         elif kind == "reconnect":
             await self.end(index, arg)
             await self.send(index, json.dumps({"type": "hello", "token": TOKENS[0], "resume": self.last_resume()}))
-
-
-def admin_stats(server: RunningServer) -> dict[str, Any]:
-    token = mint("root", "vip", roles=["admin"])
-    response = httpx.get(server.url + "/v1/admin/stats", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    response.raise_for_status()
-    stats: dict[str, Any] = response.json()
-    return stats
-
-
-def is_idle(stats: dict[str, Any]) -> bool:
-    return (
-        stats["slots"]["busy"] == 0
-        and all(t["size"] == 0 for t in stats["waiting"].values())
-        and stats["sessions_active"] == 0
-        and stats["connections"] == 0
-    )
-
-
-async def wait_idle(server: RunningServer, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not is_idle(stats := await asyncio.to_thread(admin_stats, server)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the server did not go idle once the clients were gone: {stats}")
-        await asyncio.sleep(0.05)
 
 
 async def play(
@@ -378,7 +347,7 @@ async def play(
     assert 1011 not in codes, f"close codes {codes}"
     internal = [m for c in conns for m in c.messages if m.get("type") == "error" and m.get("code") == "internal"]
     assert not internal, internal
-    await wait_idle(server)
+    await wait_holds_nothing(server)
     log = server.log()[log_from:]  # this example's part: a fault is reported once, by its example
     faults = [mark for mark in FAULT_MARKS if mark in log]
     assert not faults, f"the server log shows {faults}:\n{log[-6000:]}"
