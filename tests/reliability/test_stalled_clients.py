@@ -143,6 +143,10 @@ async def test_a_stalled_live_session_loses_its_slot(server: RunningServer) -> N
     assert holder.protocol.close_rcvd is None  # aborted, not closed: a close would wait for the client
     await client.close()
     await wait_idle(server)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "stall_free_live_s.txt").write_text(
+        f"stall_timeout_s={STALL_TIMEOUT_S} next_in_line_waited_s={waited_s}\n"
+    )
     print(f"a stalled live session's slot was free after the next client waited {waited_s:.1f} s")
     assert "Traceback" not in server.log()
 
