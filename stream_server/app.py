@@ -398,6 +398,8 @@ async def admin_stats(request: Request) -> Response:
             "frames_streamed": int(sum(s.value for s in _samples(m.frames))),
             "connections": int(sum(s.value for s in _samples(m.connections))),
             "sessions_active": int(sum(s.value for s in _samples(m.sessions_active))),
+            "tickets": node.admission.census(),
+            "queued_audio_bytes": node.upload_budget.used_bytes,
             "engine": node.engine.name,
         },
         headers={"Cache-Control": "no-store"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
@@ -59,6 +60,25 @@ class ProtocolError(Exception):
 
 MAX_ID_BYTES = 256
 """The longest ``id`` a client message may carry: it is echoed, so it must not grow the replies."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a decoded JSON value holds a string with a lone UTF-16 surrogate (``"\\ud800"``
+    is valid JSON but not text). The models refuse such strings; an error must not echo one
+    either, as it cannot be encoded. Walked without recursion, however deep the value."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 class _Client(BaseModel):
@@ -139,13 +159,13 @@ def parse_client_message(text: str) -> ClientMessage:
 
 def message_id(text: str) -> Any:
     """Best-effort ``id`` of a message that failed to parse, so the error can echo it (not one
-    longer than ``MAX_ID_BYTES`` once encoded)."""
+    longer than ``MAX_ID_BYTES`` once encoded, nor one that is not text)."""
     try:
         raw = json.loads(text)
     except (ValueError, RecursionError):
         return None
     found = raw.get("id") if isinstance(raw, dict) else None
-    return found if len(json.dumps(found)) <= MAX_ID_BYTES else None
+    return found if len(json.dumps(found)) <= MAX_ID_BYTES and not has_lone_surrogate(found) else None
 
 
 # ----- server to client -----

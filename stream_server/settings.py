@@ -139,7 +139,7 @@ class IceServer(BaseModel):
 
 class StreamSettings(BaseModel):
     segment_s: float = 0.5
-    video_crf: int = 23
+    video_crf: int = Field(default=23, ge=1, le=51)  # 0 (lossless) needs a profile the encoder is not given
     x264_preset: str = "superfast"
     ice_servers: list[IceServer] = Field(default_factory=list)
     clip_cache_bytes: int = 10 << 30

@@ -43,3 +43,10 @@ def test_inconsistent_tiers_are_refused_with_the_key_name(monkeypatch: pytest.Mo
     monkeypatch.setenv("MTS_QUEUE__TIERS__VIP__MAX_WAIT_S", "5000")
     with pytest.raises(ValueError, match="max_wait_s"):
         Settings().check()
+
+
+def test_a_crf_the_encoder_refuses_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``video_crf = 0`` (lossless) was accepted, then every stream failed in the encoder."""
+    monkeypatch.setenv("MTS_STREAM__VIDEO_CRF", "0")
+    with pytest.raises(ValueError, match="video_crf"):
+        Settings()

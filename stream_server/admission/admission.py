@@ -221,6 +221,11 @@ class Admission(Generic[OwnerT]):
             pools=pools,
         )
 
+    def census(self) -> dict[str, int]:
+        """The handles this node keeps (admin stats; all 0 on an idle node): owners of waiting
+        and parked tickets, parked tickets a resume may take back, granted ones not released."""
+        return {"owned": len(self._owners), "parked": len(self._parked), "serving": len(self._serving)}
+
     def owner(self, ticket_id: str) -> OwnerT | None:
         """The owner of one of this node's tickets (waiting, detached or granted)."""
         serving = self._serving.get(ticket_id)

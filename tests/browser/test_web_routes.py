@@ -71,5 +71,7 @@ async def test_admin_stats(server: RunningServer) -> None:
     assert stats["frames_per_second"] >= 0
     assert stats["connections"] == 1
     assert stats["sessions_active"] == 1
+    assert stats["tickets"] == {"owned": 0, "parked": 0, "serving": 1}
+    assert stats["queued_audio_bytes"] == 0
     assert stats["engine"] == "lite"
     await client.close()

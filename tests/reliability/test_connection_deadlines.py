@@ -1,9 +1,11 @@
-"""Connections that never start are cut: trickled upgrade headers, silent sockets, no hello."""
+"""Connections that never start are cut: trickled upgrade headers, silent sockets, sockets that
+never say hello (a hundred at once, while a live session goes on being served)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import httpx
@@ -15,6 +17,9 @@ from tests.server_harness import Client, RunningServer, run_server
 HELLO_TIMEOUT_S = 1.0
 HEADER_TIMEOUT_S = 1.5
 ALLOWED = "https://chat.example"
+IDLE_SOCKETS = 100
+LIVE = {"avatar": "astronaut", "mode": "live", "transport": "mse",
+        "audio": {"format": "pcm_s16le", "sample_rate": 16000, "channels": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +31,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         MTS_SERVER__ALLOWED_ORIGINS=json.dumps([ALLOWED]),
     ) as running:
         yield running
+
+
+def metric(server: RunningServer, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", server.get("/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 def host_port(server: RunningServer) -> tuple[str, int]:
@@ -78,15 +88,39 @@ async def test_a_kept_alive_connection_is_not_cut_mid_request(server: RunningSer
             await asyncio.sleep(HEADER_TIMEOUT_S / 3)
 
 
-async def test_a_socket_without_hello_is_closed_with_1008(server: RunningServer) -> None:
-    client = await Client.connect(server)
-    await client.send("ping", id=1)
-    assert (await client.expect("pong"))["id"] == 1
+async def closed_without_hello(client: Client, n: int) -> int | None:
+    """A socket that answers its own ping but never says hello: its error, then its close code."""
+    await client.send("ping", id=n)
+    assert (await client.expect("pong"))["id"] == n
     err = await client.expect("error", timeout=10 * HELLO_TIMEOUT_S)
     assert err["code"] == "bad_message" and "hello" in err["message"]
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await client.ws.recv()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    return closed.value.rcvd.code if closed.value.rcvd is not None else None
+
+
+async def test_sockets_without_hello_are_closed_with_1008_while_others_are_served(server: RunningServer) -> None:
+    served = await Client.connect(server)
+    await served.hello()
+    await served.send("start", **LIVE)
+    await served.expect("granted")
+    await served.expect("stream")
+    idle = await asyncio.gather(*(Client.connect(server) for _ in range(IDLE_SOCKETS)))
+    assert int(metric(server, "mts_connections")) == IDLE_SOCKETS + 1
+    codes = await asyncio.gather(*(closed_without_hello(client, n) for n, client in enumerate(idle)))
+    assert codes == [1008] * IDLE_SOCKETS
+    async with asyncio.timeout(10):  # the server let go of them too
+        while int(metric(server, "mts_connections")) != 1:
+            await asyncio.sleep(0.1)
+    media_before = len(served.media)
+    await served.ws.send(bytes(16_000))  # half a second of audio
+    await served.drain(1.0)
+    assert len(served.media) > media_before, "the live session was still served"
+    await served.send("cancel")
+    await served.send("ping", id="end")
+    assert (await served.expect("pong"))["id"] == "end"
+    await served.close()
+    assert server.get("/v1/queue").json()["slots"]["busy"] == 0
 
 
 async def test_a_socket_that_said_hello_stays_open(server: RunningServer) -> None:

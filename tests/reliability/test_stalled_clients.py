@@ -1,5 +1,5 @@
-"""Clients that stop reading: a stalled stream frees its slot, a slow one is still served, and text
-replies to a client that never reads are bounded."""
+"""Clients that stop reading: a stalled stream (a clip, or a live session) frees its slot, a slow
+one is still served, and text replies to a client that never reads are bounded."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from tests.server_harness import Client, RunningServer, mint, run_server, tone_w
 STALL_TIMEOUT_S = 3.0
 OUTBOX_BYTES = 512 * 1024
 CLIP = {"avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
+LIVE = {"avatar": "astronaut", "mode": "live", "transport": "mse",
+        "audio": {"format": "pcm_s16le", "sample_rate": 16000, "channels": 1}}
 USERS = itertools.count()
 ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
 
@@ -75,11 +77,13 @@ async def wait_idle(server: RunningServer, timeout: float = 60.0) -> dict[str, A
 
 
 async def next_in_line(server: RunningServer) -> tuple[Client, float]:
-    """A reading client with a short clip, queued behind the slot holder; its wait for the grant."""
+    """A reading client with a short clip, queued behind the slot holder; its wait for the grant.
+    Its audio is new each time (the voice stops at another place), or the clip store would answer."""
+    n = next(USERS)
     client = await Client.connect(server)
-    await client.hello(mint(f"user-{next(USERS)}", "normal"))
+    await client.hello(mint(f"user-{n}", "normal"))
     await client.send("start", **CLIP)
-    await client.ws.send(tone_wav(1.0))
+    await client.ws.send(tone_wav(1.0, speech=[(0.0, 0.5 + 0.001 * n)]))
     await client.send("audio_end")
     queued = await client.expect("queued", "granted", timeout=30)
     granted = queued if queued["type"] == "granted" else await client.expect("granted", timeout=120)
@@ -107,6 +111,43 @@ async def test_a_client_that_stops_reading_loses_its_slot(server: RunningServer)
         f"stall_timeout_s={STALL_TIMEOUT_S} next_in_line_waited_s={waited_s}\n"
     )
     print(f"a stalled slot was free after the next client waited {waited_s:.1f} s (stall timeout {STALL_TIMEOUT_S} s)")
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.slow
+async def test_a_stalled_live_session_loses_its_slot(server: RunningServer) -> None:
+    """A live MSE session whose client goes on sending audio but reads nothing: its media never
+    ends by itself, and it holds the slot until ``stream.stall_timeout_s`` cuts it, like a clip.
+    Slow: live media comes at 25 frames/s (about 180 kB/s), and the kernel's send buffer for the
+    socket (up to 4 MB on Linux) fills before a write waits."""
+    stalled_before = metric(server, 'mts_rejections_total{code="stalled"}')
+    holder = await non_reader(server)
+    await holder.send(json.dumps({"type": "hello", "token": mint(f"user-{next(USERS)}", "normal")}))
+    await holder.send(json.dumps({"type": "start", **LIVE}))
+
+    async def talk() -> None:
+        """Half a second of audio every half second, until the server cuts the connection."""
+        with contextlib.suppress(websockets.ConnectionClosed):
+            for _ in range(240):
+                await holder.send(bytes(16_000))
+                await asyncio.sleep(0.5)
+
+    talking = asyncio.create_task(talk())
+    await asyncio.sleep(1.0)
+    assert server.get("/v1/queue").json()["slots"]["busy"] == 1
+    client, waited_s = await next_in_line(server)
+    assert (await client.expect("done", timeout=60))["frames"] == 25
+    assert metric(server, 'mts_rejections_total{code="stalled"}') == stalled_before + 1
+    async with asyncio.timeout(30):  # the stalled connection was cut: its audio can no longer go
+        await talking
+    assert holder.protocol.close_rcvd is None  # aborted, not closed: a close would wait for the client
+    await client.close()
+    await wait_idle(server)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "stall_free_live_s.txt").write_text(
+        f"stall_timeout_s={STALL_TIMEOUT_S} next_in_line_waited_s={waited_s}\n"
+    )
+    print(f"a stalled live session's slot was free after the next client waited {waited_s:.1f} s")
     assert "Traceback" not in server.log()
 
 
