@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from pathlib import Path
 
 import pytest
 import websockets
 
 from tests.server_harness import Client, RunningServer, mint, run_server
+from tests.test_e2e_queue import hold_slot, wait_position
 
 EXP_GRACE_S = 1.0
 CLIP = {"avatar": "astronaut", "mode": "clip", "transport": "mse", "audio": {"format": "wav"}}
@@ -73,3 +75,26 @@ async def test_a_start_within_the_grace_is_still_served(server: RunningServer) -
     await client.send("start", **CLIP)
     assert (await client.expect("queued", "error"))["type"] == "queued"
     await client.close()
+
+
+async def test_a_resume_by_another_identity_leaves_the_owners_place(tmp_path: Path) -> None:
+    """A stolen resume token is refused, and the owner's own resume a moment later still works."""
+    with run_server(tmp_path, MTS_ENGINE__SLOTS="1") as server:
+        holder = await hold_slot(server, "holder")
+        owner = await Client.connect(server)
+        welcome = await owner.hello(mint("bob", "normal"))
+        await owner.send("start", **CLIP)
+        await wait_position(owner, 1)
+        await owner.close()
+
+        thief = await Client.connect(server)
+        await thief.hello(mint("mallory", "normal"), resume=welcome["resume"])
+        assert (await thief.expect("error"))["code"] == "session_expired"
+
+        back = await Client.connect(server)
+        resumed = await back.hello(mint("bob", "normal"), resume=welcome["resume"])
+        assert resumed["session"] == welcome["session"]
+        await wait_position(back, 1)
+        for client in (holder, thief, back):
+            await client.close()
+        assert "Traceback" not in server.log()
