@@ -24,7 +24,7 @@ from inference.worker import FrameWorker
 from inference.worker_health import WorkerStatus, judge
 
 if TYPE_CHECKING:
-    from inference.serving_engine import EncodeOptions, ServingEngine
+    from inference.serving_engine import EncodeOptions, PacketOptions, ServingEngine
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class EnginePool:
     or to one holding its avatar when that worker has at most one stream more (``choose_worker``)."""
 
     encodes_in_workers = False
-    """MSE streams are encoded by their sender's thread in this process."""
+    """Streams are encoded in this process: MSE by its sender's thread, WebRTC by aiortc."""
 
     def __init__(self, config: EngineConfig, renderers: list[Renderer] | None = None) -> None:
         self.config = config
@@ -195,10 +195,10 @@ class EnginePool:
         buffer_frames: int = 50,
         on_output: Callable[[], None] | None = None,
         background: bool = False,
-        encode: EncodeOptions | None = None,
+        encode: EncodeOptions | PacketOptions | None = None,
     ) -> EngineStream:
         if encode is not None:
-            raise ValueError("worker threads do not encode: the MSE sender does (encodes_in_workers is False)")
+            raise ValueError("worker threads do not encode: the senders do (encodes_in_workers is False)")
         serving = [s.serving for s in self.worker_status()]
         candidates = [i for i, ok in enumerate(serving) if ok] or list(range(len(self.workers)))
         index = candidates[

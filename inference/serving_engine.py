@@ -29,6 +29,28 @@ class EncodeOptions:
     audio_bitrate: int
 
 
+@dataclass(frozen=True)
+class PacketOptions:
+    """How a WebRTC stream's video is encoded to H.264 packets (the ``stream.webrtc_*`` settings),
+    for a pool whose workers encode: only the packets reach the server process."""
+
+    bitrate: int
+    keyframe_interval_s: float
+    preset: str
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A frame whose picture was encoded where it was rendered: one H.264 access unit (Annex B)
+    and the frame's own audio (float32, ``OUTPUT_SAMPLES_PER_FRAME`` samples)."""
+
+    index: int
+    video: bytes
+    keyframe: bool
+    audio: np.ndarray
+    speech: bool
+
+
 class ServedStream(Protocol):
     """One session's stream as its transport sees it (``EngineStream``, ``RemoteStream``)."""
 
@@ -62,7 +84,8 @@ class ServingEngine(Protocol):
     avatars: AvatarStore
     hot: HotAvatars
     encodes_in_workers: bool
-    """MSE streams come back encoded (``open_stream(encode=...)``); else the sender encodes."""
+    """Streams come back encoded (``open_stream(encode=...)``: fMP4 segments for MSE, H.264
+    packets for WebRTC); else the sender encodes."""
     on_capacity: Callable[[], object]
     """Called (from any thread) when a worker went down or came back up."""
 
@@ -78,7 +101,7 @@ class ServingEngine(Protocol):
         buffer_frames: int = ...,
         on_output: Callable[[], None] | None = ...,
         background: bool = ...,
-        encode: EncodeOptions | None = ...,
+        encode: EncodeOptions | PacketOptions | None = ...,
     ) -> ServedStream: ...
 
     def holders(self, avatar_id: str) -> list[int]: ...

@@ -59,6 +59,12 @@ class Metrics:
             "mts_event_loop_lag_p99_seconds", "99th percentile of the recent event-loop lag samples", registry=r
         )
         self.frames = Counter("mts_frames_total", "Video frames streamed", registry=r)
+        self.webrtc_video_frames = Counter(
+            "mts_webrtc_video_frames",
+            "Video frames handed to WebRTC peers, by the process that encoded them (server: aiortc in this"
+            " process, thread mode; worker: H.264 packets from a worker process, process mode)",
+            ["encoded_in"], registry=r,
+        )
         self.render_fps = Gauge("mts_render_frames_per_second", "Measured render rate, all workers", registry=r)
         self._restarts_seen: dict[str, int] = {}
         self.worker_fps = Gauge("mts_worker_frames_per_second", "Render rate of each worker", ["worker"], registry=r)

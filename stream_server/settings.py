@@ -144,6 +144,8 @@ class StreamSettings(BaseModel):
     ice_servers: list[IceServer] = Field(default_factory=list)
     clip_cache_bytes: int = 10 << 30
     webrtc_offer_timeout_s: float = 20.0
+    webrtc_video_bitrate: int = 1_000_000
+    webrtc_keyframe_interval_s: float = 2.0
     stall_timeout_s: float = 30.0
     audio_bitrate: int = 64000
     clip_store: Literal["local", "s3"] = "local"

@@ -67,6 +67,10 @@ async def test_clip_over_webrtc_delivers_every_frame_with_its_audio(server: Runn
     assert 1.85 <= audio_s <= 2.0
     steps = {b.pts - a.pts for a, b in zip(video, video[1:], strict=False)}
     assert steps == {90_000 // 25}, "one frame every 40 ms on the stream clock"
+    # thread mode: aiortc encodes the pictures in the server process
+    encoded = {line.split()[0]: float(line.split()[1]) for line in server.get("/metrics").text.splitlines()
+               if line.startswith("mts_webrtc_video_frames_total")}
+    assert encoded == {'mts_webrtc_video_frames_total{encoded_in="server"}': pytest.approx(50, abs=2)}, encoded
     await client.close()
 
 

@@ -56,6 +56,12 @@ def pcm16k(seconds: float) -> np.ndarray:
 
 @pytest.mark.parametrize("transport", ["mse", "webrtc"])
 async def test_clip_frames_and_audio_on_one_clock(server: RunningServer, transport: str) -> None:
+    await check_clip_on_one_clock(server, transport)
+
+
+async def check_clip_on_one_clock(server: RunningServer, transport: str) -> None:
+    """A clip of one second of speech then one of silence: every frame, one clock for sound and
+    picture, the mouth moving during the speech only (also run in process mode)."""
     async with await connect(server.url, token=mint(f"clip-{transport}", "normal")) as conn:
         assert conn.welcome is not None and conn.welcome.engine == "lite"
         clip = await conn.speak(tone_wav(2.0, speech=[(0.0, 1.0)]), avatar="astronaut", transport=transport)

@@ -1,6 +1,8 @@
 """The messages between the server process and a worker process (small, pickled once each).
 
-Arrays never travel in them: audio goes as float32 bytes, frames stay in a ``FrameRing``."""
+Arrays never travel in them: audio goes as float32 bytes, video as encoded bytes (fMP4 segments,
+H.264 packets), and raw frames (a consumer that wants them, such as a benchmark) stay in a
+``FrameRing``."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 from inference.engine import AvatarInfo
 from inference.face import FaceReport
-from inference.serving_engine import EncodeOptions
+from inference.serving_engine import EncodeOptions, PacketOptions
 from inference.worker import WorkerStats
 
 # ----- server -> worker -----
@@ -24,8 +26,9 @@ class OpenStream:
     mode: str
     buffer_frames: int
     started_at: float
-    encode: EncodeOptions | None
-    """fMP4 segments come back (MSE); ``None``: raw frames through ``ring`` (WebRTC)."""
+    encode: EncodeOptions | PacketOptions | None
+    """fMP4 segments come back (MSE), or H.264 packets (WebRTC); ``None``: raw frames through
+    ``ring``."""
     background: bool = False
     ring: str | None = None
     ring_slots: int = 0
@@ -35,14 +38,16 @@ class OpenStream:
 class StreamInput:
     stream_id: int
     kind: str
-    """"audio", "end", "interrupt" or "cancel"."""
+    """"audio", "end", "interrupt", "cancel", or "keyframe" (H.264 packets: make the next frame
+    an IDR frame)."""
     f16: bytes = b""
     f48: bytes = b""
 
 
 @dataclass(frozen=True)
 class Credit:
-    """The server forwarded one segment batch (MSE), or released a ring slot (frames)."""
+    """The server forwarded one segment batch (MSE), took one packet (WebRTC), or released a ring
+    slot (frames)."""
 
     stream_id: int
     slot: int = -1
@@ -105,6 +110,15 @@ class FramesReady:
 
     stream_id: int
     frames: list[tuple[int, int, bool]]
+
+
+@dataclass(frozen=True)
+class Packets:
+    """Frames encoded to H.264, in order: (index, speech, keyframe, access unit, float32 audio
+    bytes) each."""
+
+    stream_id: int
+    frames: list[tuple[int, bool, bool, bytes, bytes]]
 
 
 @dataclass(frozen=True)

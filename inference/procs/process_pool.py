@@ -1,12 +1,13 @@
 """``ProcessEnginePool``: the ``ServingEngine`` over supervised worker processes.
 
 Each worker process owns a renderer on its device, its frame scheduler, the blending and the
-fMP4 encoding of its MSE streams. This process keeps the avatar store (files, info and jobs; the
-host cache holds handles, not frames), the hot-avatar counts, a copy of each worker's device
-cache (it decides what a worker holds: a new stream goes to one that holds its avatar, as in
-thread mode, and what it evicts the worker is told to free), the handles and the capacity.
-Capacity is the sum of the measured frames/s of the workers that serve: one that dies, stalls or
-turns slow leaves it until it serves again (``inference.worker_health``)."""
+encoding of its streams (fMP4 for MSE, H.264 packets for WebRTC). This process keeps the avatar
+store (files, info and jobs; the host cache holds handles, not frames), the hot-avatar counts, a
+copy of each worker's device cache (it decides what a worker holds: a new stream goes to one
+that holds its avatar, as in thread mode, and what it evicts the worker is told to free), the
+handles and the capacity. Capacity is the sum of the measured frames/s of the workers that
+serve: one that dies, stalls or turns slow leaves it until it serves again
+(``inference.worker_health``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from inference.procs.frame_ring import FrameRing
 from inference.procs.messages import OpenStream, Release
 from inference.procs.remote_stream import RemoteStream, WorkerDied
 from inference.procs.worker_handle import WorkerHandle
-from inference.serving_engine import EncodeOptions
+from inference.serving_engine import EncodeOptions, PacketOptions
 from inference.stream import StreamMode
 from inference.worker_health import WorkerStatus, judge
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 RING_PREFIX = "mts_ring"
 """Rings are ``/dev/shm/mts_ring_<server pid>_<stream>``: whose they are is in the name."""
 RING_SLOTS = 16
-"""Frames of one WebRTC stream in shared memory at once (the worker waits for a free slot)."""
+"""Frames of one raw stream in shared memory at once (the worker waits for a free slot)."""
 CALL_TIMEOUT_S = 600.0
 
 
@@ -98,10 +99,12 @@ class ProcessEnginePool:
         buffer_frames: int = 50,
         on_output: Callable[[], None] | None = None,
         background: bool = False,
-        encode: EncodeOptions | None = None,
+        encode: EncodeOptions | PacketOptions | None = None,
     ) -> RemoteStream:
-        """A stream on a worker that serves: encoded to fMP4 there (``encode``), or as frames
-        through a shared ring. With no worker up the stream has failed already (``WorkerDied``)."""
+        """A stream on a worker that serves: encoded there (``encode``: fMP4 segments or H.264
+        packets come back), or with ``None`` as raw frames through a shared ring (for consumers
+        that want pixels, such as ``bench/gpu_throughput.py``). With no worker up the stream has
+        failed already (``WorkerDied``)."""
         if not isinstance(avatar, AvatarHandle):
             raise TypeError(f"process mode serves avatars from its own store, not {type(avatar).__name__}")
         try:

@@ -1,9 +1,10 @@
 """The server's side of a stream rendered in a worker process.
 
 It offers what transports use of an ``EngineStream`` (inputs, ``state``, ``take_frames``,
-``closed``) plus, for MSE, the worker's encoded segments (``wait_segments``). The worker handle's
-reader thread fills it; any thread may consume it. Frames (WebRTC) arrive as slots of the
-stream's ``FrameRing``, copied out when taken and handed back at once."""
+``closed``) plus what the worker encoded: fMP4 segments for MSE (``wait_segments``) or H.264
+packets for WebRTC (``take_packets``). The worker handle's reader thread fills it; any thread may
+consume it. Raw frames (a stream opened with no encoding) arrive as slots of the stream's
+``FrameRing``, copied out when taken and handed back at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import numpy as np
 
 from inference.engine import Frame, PreparedAvatar
 from inference.procs.frame_ring import FrameRing
-from inference.procs.messages import Credit, FramesReady, Segments, StreamEnded, StreamInput
+from inference.procs.messages import Credit, FramesReady, Packets, Segments, StreamEnded, StreamInput
+from inference.serving_engine import EncodedFrame
 from inference.stream import StreamMode, StreamState
 
 
@@ -49,6 +51,7 @@ class RemoteStream:
         self._changed = threading.Condition(self._lock)
         self._frames: deque[tuple[int, int, bool]] = deque()
         self._segments: deque[Segments] = deque()
+        self._packets: deque[EncodedFrame] = deque()
         self._ended = False
 
     # ----- inputs, any thread -----
@@ -102,8 +105,9 @@ class RemoteStream:
 
     def _drop_frames(self) -> None:
         with self._lock:
-            slots = [slot for slot, _, _ in self._frames]
+            slots = [slot for slot, _, _ in self._frames] + [0] * len(self._packets)
             self._frames.clear()
+            self._packets.clear()
             if self._ended:
                 self._close_ring()
         for slot in slots:
@@ -116,12 +120,27 @@ class RemoteStream:
 
     @property
     def buffered(self) -> int:
-        return len(self._frames)
+        return len(self._frames) + len(self._packets)
 
     @property
     def closed(self) -> bool:
-        """No frame or segment will come any more, and none waits."""
-        return self.state is not StreamState.RUNNING and not self._frames and not self._segments
+        """No frame, packet or segment will come any more, and none waits."""
+        return (
+            self.state is not StreamState.RUNNING and not self._frames and not self._packets and not self._segments
+        )
+
+    # ----- outputs: H.264 packets (WebRTC) -----
+
+    def take_packets(self, limit: int = 1 << 30) -> list[EncodedFrame]:
+        with self._lock:
+            taken = [self._packets.popleft() for _ in range(min(limit, len(self._packets)))]
+        for _ in taken:
+            self._credit(0)
+        return taken
+
+    def request_keyframe(self) -> None:
+        """The next frame the worker encodes is an IDR frame (the ones on their way are not)."""
+        self._input(StreamInput(self.stream_id, "keyframe"))
 
     # ----- outputs: encoded segments (MSE) -----
 
@@ -142,6 +161,12 @@ class RemoteStream:
         with self._lock:
             if isinstance(message, Segments):
                 self._segments.append(message)
+            elif isinstance(message, Packets):
+                if self.state is StreamState.RUNNING:
+                    self._packets.extend(
+                        EncodedFrame(index, video, keyframe, np.frombuffer(audio, dtype=np.float32), speech)
+                        for index, speech, keyframe, video, audio in message.frames
+                    )
             elif isinstance(message, FramesReady):
                 if self.state is StreamState.RUNNING:  # (else the worker's pump is stopping)
                     self._frames.extend(message.frames)
@@ -164,6 +189,7 @@ class RemoteStream:
                 self.state = StreamState.FAILED
                 self.error = error
             self._frames.clear()
+            self._packets.clear()
             self._segments.clear()
             self._close_ring()
             self._changed.notify_all()

@@ -1,11 +1,12 @@
 """The worker process: one renderer, its ``FrameWorker``, and the encoding of its streams.
 
 ``worker_main`` runs in a spawned interpreter. Its main thread reads the server's messages; the
-frame worker thread renders; each stream has a pump thread that takes its frames and either
-encodes them to fMP4 (MSE: only segment bytes go back) or writes them into the stream's shared
-ring (WebRTC). A pump sends no more than the server has room for (``FreeSlots``): a slow client
-stalls only its own stream. The process ends when the server says so, or when its pipe closes
-(the server is gone)."""
+frame worker thread renders; each stream has a pump thread that takes its frames and encodes
+them, to fMP4 (MSE: only segment bytes go back) or to H.264 packets (WebRTC: the packets and
+each frame's audio bytes go back), or writes them raw into the stream's shared ring. A pump
+sends no more than the server has room for (``FreeSlots``): a slow client stalls only its own
+stream. The process ends when the server says so, or when its pipe closes (the server is
+gone)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from inference.procs.messages import (
     Credit,
     FramesReady,
     OpenStream,
+    Packets,
     Preload,
     Ready,
     Release,
@@ -42,13 +44,16 @@ from inference.procs.messages import (
     StreamEnded,
     StreamInput,
 )
-from inference.serving_engine import EncodeOptions
+from inference.serving_engine import EncodeOptions, PacketOptions
 from inference.stream import EngineStream, StreamMode, StreamState
 from inference.worker import FrameWorker
 
 log = logging.getLogger(__name__)
 
 SEGMENT_BATCHES_IN_FLIGHT = 2
+PACKETS_IN_FLIGHT = 16
+"""H.264 frames of one WebRTC stream sent and not yet taken by the server's sender."""
+PACKET_BATCH_FRAMES = 4
 STATS_EVERY_S = 1.0
 LOW_PRIORITY_NICE = 10
 """Avatar preparations never compete with rendering and encoding for the CPU."""
@@ -84,14 +89,34 @@ class _Pump(threading.Thread):
         self.open_msg = open_msg
         self.stream = stream
         self.uplink = uplink
-        tokens = open_msg.ring_slots if open_msg.encode is None else SEGMENT_BATCHES_IN_FLIGHT
+        encode = open_msg.encode
+        tokens = (
+            open_msg.ring_slots if encode is None
+            else PACKETS_IN_FLIGHT if isinstance(encode, PacketOptions)
+            else SEGMENT_BATCHES_IN_FLIGHT
+        )
         self.free = FreeSlots(tokens)
+        self._keyframe = False
+        self._keyframe_lock = threading.Lock()
+
+    def request_keyframe(self) -> None:
+        """H.264 packets: the next frame encoded is an IDR frame."""
+        with self._keyframe_lock:
+            self._keyframe = True
+
+    def _take_keyframe_request(self) -> bool:
+        with self._keyframe_lock:
+            wanted, self._keyframe = self._keyframe, False
+            return wanted
 
     def run(self) -> None:
         error: str | None = None
         try:
-            if self.open_msg.encode is not None:
-                self._encode(self.open_msg.encode)
+            encode = self.open_msg.encode
+            if isinstance(encode, PacketOptions):
+                self._encode_packets(encode)
+            elif encode is not None:
+                self._encode(encode)
             else:
                 self._write_frames()
         except Exception as exc:  # an encoder or ring fault ends this stream only
@@ -141,6 +166,25 @@ class _Pump(threading.Thread):
             return
         finally:
             muxer.close()
+
+    def _encode_packets(self, options: PacketOptions) -> None:
+        """H.264 for WebRTC: only each frame's access unit and audio bytes leave."""
+        from stream_server.transports.h264_packets import H264PacketEncoder
+
+        info = self.stream.avatar.info
+        encoder = H264PacketEncoder(
+            info.width, info.height, FPS, bitrate=options.bitrate,
+            keyframe_interval_frames=max(1, round(options.keyframe_interval_s * FPS)), preset=options.preset,
+        )
+        while frames := self.stream.wait_frames(PACKET_BATCH_FRAMES):
+            encoded: list[tuple[int, bool, bool, bytes, bytes]] = []
+            for frame in frames:
+                if self.free.take() is None:
+                    return
+                video, keyframe = encoder.encode(frame.image, keyframe=self._take_keyframe_request())
+                audio = np.ascontiguousarray(frame.audio, dtype=np.float32).tobytes()
+                encoded.append((frame.index, frame.speech, keyframe, video, audio))
+            self.uplink.send(Packets(self.open_msg.stream_id, encoded))
 
     def _write_frames(self) -> None:
         msg = self.open_msg
@@ -233,7 +277,7 @@ class WorkerProcess:
                 return
             pump = self.pumps.get(message.stream_id)
         if pump is not None:
-            _apply(pump.stream, message)
+            _apply(pump, message)
             if message.kind == "cancel":
                 pump.stop()  # (it may wait for room the server will not make any more)
 
@@ -253,7 +297,7 @@ class WorkerProcess:
         pump = _Pump(message, stream, self.uplink, self._forget)
         with self._lock:
             for waiting in self.pending.pop(message.stream_id, []):
-                _apply(stream, waiting)
+                _apply(pump, waiting)
             self.pumps[message.stream_id] = pump
         pump.start()
 
@@ -344,8 +388,11 @@ def _face_box(value: object) -> FaceBox | None:
     return (x, y, w, h)
 
 
-def _apply(stream: EngineStream, message: StreamInput) -> None:
-    if message.kind == "audio":
+def _apply(pump: _Pump, message: StreamInput) -> None:
+    stream = pump.stream
+    if message.kind == "keyframe":
+        pump.request_keyframe()
+    elif message.kind == "audio":
         stream.feed(np.frombuffer(message.f16, dtype=np.float32), np.frombuffer(message.f48, dtype=np.float32))
     elif message.kind == "end":
         stream.end_audio()

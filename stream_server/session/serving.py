@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference.engine import FPS, PreparedAvatar
-from inference.serving_engine import EncodeOptions, ServedStream, ServingEngine
+from inference.serving_engine import EncodeOptions, PacketOptions, ServedStream, ServingEngine
 from inference.stream import StreamMode, StreamState
 from stream_server.clips import ClipStore, clip_key
 from stream_server.metrics import Metrics
@@ -182,16 +182,22 @@ class Serving:
         on_output: Callable[[], None] | None = None,
         background: bool = False,
     ) -> ServedStream:
-        """A stream on the engine; an MSE one comes back encoded where the workers encode."""
+        """A stream on the engine; it comes back encoded where the workers encode (fMP4 for MSE,
+        H.264 packets for WebRTC)."""
         s = self.settings.stream
-        encode = EncodeOptions(s.segment_s, s.video_crf, s.x264_preset, s.audio_bitrate)
+        encode: EncodeOptions | PacketOptions | None = None
+        if self.engine.encodes_in_workers:
+            encode = (
+                EncodeOptions(s.segment_s, s.video_crf, s.x264_preset, s.audio_bitrate) if mse
+                else PacketOptions(s.webrtc_video_bitrate, s.webrtc_keyframe_interval_s, s.x264_preset)
+            )
         return self.engine.open_stream(
             avatar,
             mode,
             buffer_frames=self.settings.engine.stream_buffer_frames,
             on_output=on_output,
             background=background,
-            encode=encode if mse and self.engine.encodes_in_workers else None,
+            encode=encode,
         )
 
     async def _send_until_idle(
@@ -242,7 +248,10 @@ class Serving:
             progress.add(n)
 
         ice_servers = [server.model_dump(exclude_none=True) for server in settings.ice_servers]
-        sender = WebRtcSender(stream, ready, ice_servers, on_frames=on_frames)
+        sender = WebRtcSender(
+            stream, ready, ice_servers, on_frames=on_frames,
+            on_video=lambda encoded_in: self.metrics.webrtc_video_frames.labels(encoded_in).inc(),
+        )
         request.rtc = sender
         try:
             try:

@@ -4,6 +4,14 @@
 MediaStream; ``run()`` then pumps the engine stream's frames into the two tracks until the stream
 ends or the peer goes away.
 
+Who encodes the video: in thread mode the track hands aiortc raw pictures and aiortc encodes them
+(VP8 or H.264, as negotiated, its bitrate following the receiver's estimate). In process mode the
+stream is a ``RemoteStream`` whose worker process encoded H.264 already (``PacketVideoTrack``):
+the answer offers H.264 only (an offer without it is refused), the track hands aiortc
+``av.Packet``s, which it only splits into RTP payloads, and a keyframe request from the peer (PLI,
+FIR) goes to the worker. The audio is encoded here in both modes (aiortc's Opus: about one
+percent of a core per stream).
+
 Timing is one session clock. Frame ``i`` of the engine stream is at stream time
 ``(i - i0) / fps`` (``i0`` the first frame played): its image becomes video pts
 ``(i - i0) * 3600`` in 1/90000 and its 1920 samples become two 20 ms audio frames at pts
@@ -43,14 +51,18 @@ from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpSender,
+    RTCRtpTransceiver,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
-from av import AudioFrame, VideoFrame
+from av import AudioFrame, Packet, VideoFrame
+from av.stream import Stream
 
 from inference.engine import FPS, OUTPUT_SAMPLE_RATE, OUTPUT_SAMPLES_PER_FRAME, Frame
-from inference.serving_engine import ServedStream
+from inference.procs.remote_stream import RemoteStream
+from inference.serving_engine import EncodedFrame, ServedStream
 from inference.stream import StreamMode, StreamState
 from stream_server.transports.mse import StreamResult
 
@@ -160,24 +172,21 @@ class _BufferedTrack(MediaStreamTrack):
         self._arrived.set()  # wake a waiting recv() so that it raises MediaStreamError
 
 
-class EngineVideoTrack(_BufferedTrack):
+class _VideoTrack(_BufferedTrack):
+    """Video items (a picture or a packet) played on the session clock, one per engine frame."""
+
     kind = "video"
+    encoded_in = ""
+    """Which process encoded what this track hands out (the ``mts_webrtc_video_frames`` label)."""
 
     def __init__(self, clock: SessionClock, capacity: int = 8) -> None:
         super().__init__(clock)
         if capacity < 1:
             raise ValueError("video buffer capacity must be at least 1")
-        self._frames: deque[tuple[int, np.ndarray]] = deque()
+        self._frames: deque[tuple[int, Any]] = deque()
         self.capacity = capacity
         self.dropped = 0
-
-    def push(self, index: int, image: np.ndarray) -> None:
-        """Queue the image of engine frame ``index``; when full, drop the oldest frame."""
-        while len(self._frames) >= self.capacity:
-            self._frames.popleft()
-            self.dropped += 1
-        self._frames.append((index, image))
-        self._notify()
+        self.on_delivered: Callable[[str], None] = lambda encoded_in: None
 
     @property
     def buffered(self) -> int:
@@ -186,7 +195,8 @@ class EngineVideoTrack(_BufferedTrack):
     def clear(self) -> None:
         self._frames.clear()
 
-    async def recv(self) -> VideoFrame:
+    async def _next_due(self) -> tuple[int, Any]:
+        """The oldest item, once the clock reaches it."""
         waited = await self._wait_for_data(self._frames)
         while True:
             index, _ = self._frames[0]
@@ -197,13 +207,88 @@ class EngineVideoTrack(_BufferedTrack):
             # while we slept, newer frames may have pushed this one out (or an interrupt cleared
             # the buffer): look again
             waited = await self._wait_for_data(self._frames)
-        index, image = self._frames.popleft()
-        frame = VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-        frame.pts = (index - (self.clock.base_index or 0)) * VIDEO_TICKS_PER_FRAME
-        frame.time_base = VIDEO_TIME_BASE
+        item = self._frames.popleft()
         self.delivered += 1
+        self.on_delivered(self.encoded_in)
         self.wake()
+        return item
+
+    def _pts(self, index: int) -> int:
+        return (index - (self.clock.base_index or 0)) * VIDEO_TICKS_PER_FRAME
+
+
+class EngineVideoTrack(_VideoTrack):
+    """Raw pictures, encoded by aiortc in this process (thread mode)."""
+
+    encoded_in = "server"
+
+    def push(self, index: int, image: np.ndarray) -> None:
+        """Queue the image of engine frame ``index``; when full, drop the oldest frame."""
+        while len(self._frames) >= self.capacity:
+            self._frames.popleft()
+            self.dropped += 1
+        self._frames.append((index, image))
+        self._notify()
+
+    async def recv(self) -> VideoFrame:
+        index, image = await self._next_due()
+        frame = VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts = self._pts(index)
+        frame.time_base = VIDEO_TIME_BASE
         return frame
+
+
+class PacketVideoTrack(_VideoTrack):
+    """H.264 access units encoded by the worker process (process mode); aiortc only packetizes
+    them (``RTCRtpSender`` hands an ``av.Packet`` to its encoder's ``pack``).
+
+    A P-frame is only worth sending after the frames it refers to, so what cannot be played in
+    order waits for the next IDR frame: the packets before the first IDR frame (live idle frames
+    skipped at the start), a full buffer (all of it goes), and an interrupt (``clear``). Then
+    ``request_keyframe`` asks the worker for one at once, instead of waiting for the interval; the
+    audio plays on meanwhile."""
+
+    encoded_in = "worker"
+
+    def __init__(self, clock: SessionClock, capacity: int = 8) -> None:
+        super().__init__(clock, capacity)
+        self.request_keyframe: Callable[[], None] = lambda: None
+        self.keyframes_requested = 0
+        self._need_keyframe = True
+        self._requested = False
+
+    def push(self, index: int, video: bytes, keyframe: bool) -> None:
+        """Queue the access unit of engine frame ``index``."""
+        if len(self._frames) >= self.capacity:
+            self.dropped += len(self._frames)
+            self._frames.clear()
+            self._need_keyframe = True
+        if self._need_keyframe and not keyframe:
+            self.dropped += 1
+            self._ask_for_keyframe()
+            return
+        self._need_keyframe = self._requested = False
+        self._frames.append((index, (video, keyframe)))
+        self._notify()
+
+    def clear(self) -> None:
+        super().clear()
+        self._need_keyframe = True
+        self._ask_for_keyframe()
+
+    def _ask_for_keyframe(self) -> None:
+        if not self._requested:
+            self._requested = True
+            self.keyframes_requested += 1
+            self.request_keyframe()
+
+    async def recv(self) -> Packet[Stream]:
+        index, (video, keyframe) = await self._next_due()
+        packet = Packet(video)
+        packet.pts = self._pts(index)
+        packet.time_base = VIDEO_TIME_BASE
+        packet.is_keyframe = keyframe
+        return packet
 
 
 class EngineAudioTrack(_BufferedTrack):
@@ -255,8 +340,9 @@ class EngineAudioTrack(_BufferedTrack):
         return frame
 
 
-def check_offer(offer_sdp: object) -> None:
-    """Raise ``ValueError`` unless the offer is SDP with audio and video we can send."""
+def check_offer(offer_sdp: object, *, h264: bool = False) -> None:
+    """Raise ``ValueError`` unless the offer is SDP with audio and video we can send (with
+    ``h264``, video in H.264)."""
     if not isinstance(offer_sdp, str) or not offer_sdp.strip():
         raise ValueError("the WebRTC offer must be a non-empty SDP string")
     try:
@@ -269,6 +355,21 @@ def check_offer(offer_sdp: object) -> None:
             raise ValueError(f"the WebRTC offer has no {kind} m-line; offer one audio and one video transceiver")
         if not any(m.direction in (None, "sendrecv", "recvonly") and m.port != 0 for m in media):
             raise ValueError(f"the WebRTC offer does not receive {kind}; use a recvonly {kind} transceiver")
+    if h264 and not any(is_h264(c.mimeType) for m in parsed.media if m.kind == "video" for c in m.rtp.codecs):
+        raise ValueError(
+            "the WebRTC offer has no H.264 video: this server encodes its video in its worker processes, "
+            "in H.264 only (offer H.264, packetization-mode 1, constrained baseline)"
+        )
+
+
+def is_h264(mime_type: str) -> bool:
+    return mime_type.lower() == "video/h264"
+
+
+def h264_only(transceiver: RTCRtpTransceiver) -> None:
+    """Make H.264 (and its retransmissions) the only video codec ``transceiver`` may negotiate."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    transceiver.setCodecPreferences([c for c in codecs if is_h264(c.mimeType) or c.mimeType.lower() == "video/rtx"])
 
 
 class WebRtcSender:
@@ -286,6 +387,7 @@ class WebRtcSender:
         gather_timeout_s: float = 10.0,
         drain_margin_s: float = 5.0,
         on_frames: Callable[[int], None] = lambda n: None,
+        on_video: Callable[[str], None] = lambda encoded_in: None,
     ) -> None:
         self.stream = stream
         self.ready = ready
@@ -296,7 +398,15 @@ class WebRtcSender:
         self.drain_margin_s = drain_margin_s
         self.on_frames = on_frames
         self.clock = SessionClock()
-        self.video = EngineVideoTrack(self.clock, capacity=video_buffer_frames)
+        self.remote = stream if isinstance(stream, RemoteStream) else None
+        """A stream in a worker process: its video comes as H.264 packets, encoded there."""
+        self.video: EngineVideoTrack | PacketVideoTrack
+        if self.remote is not None:
+            self.video = PacketVideoTrack(self.clock, capacity=video_buffer_frames)
+            self.video.request_keyframe = self.remote.request_keyframe
+        else:
+            self.video = EngineVideoTrack(self.clock, capacity=video_buffer_frames)
+        self.video.on_delivered = on_video
         self.audio = EngineAudioTrack(self.clock)
         self.pc: RTCPeerConnection | None = None
         self.frames = 0
@@ -316,28 +426,48 @@ class WebRtcSender:
         """Answer the client's offer; returns the answer SDP with all ICE candidates in it."""
         if self.pc is not None:
             raise RuntimeError("this sender has answered an offer already")
-        check_offer(offer_sdp)
+        packets = isinstance(self.video, PacketVideoTrack)
+        check_offer(offer_sdp, h264=packets)
         pc = RTCPeerConnection(self.configuration)
         self.pc = pc
         pc.on("connectionstatechange", self._on_connection_state)
         try:
+            if isinstance(self.video, PacketVideoTrack):
+                # the codec is chosen from the offer: restrict it before the offer is applied (the
+                # offer's video m-line takes this transceiver)
+                video = pc.addTransceiver(self.video, direction="sendonly")
+                h264_only(video)
+                # aiortc's keyframe hook (a PLI or FIR from the peer) would only reach its own
+                # encoder: send it to the worker's
+                video.sender._send_keyframe = self.video.request_keyframe  # type: ignore[method-assign]
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:
                 raise ValueError(f"the WebRTC offer was refused: {exc}") from exc
             # both tracks go out in the peer connection's one MediaStream (one msid stream id)
             pc.addTrack(self.audio)
-            pc.addTrack(self.video)
+            if not packets:
+                pc.addTrack(self.video)
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:
                 raise ValueError(f"no answer to the WebRTC offer (no common codec?): {exc}") from exc
+            if packets and self.video_codec(pc) != "video/H264":
+                raise ValueError(f"the WebRTC answer would send {self.video_codec(pc)}, not H.264")
             await self._gathered(pc)
         except BaseException:
             await self.close()
             raise
         assert pc.localDescription is not None
         return pc.localDescription.sdp
+
+    @staticmethod
+    def video_codec(pc: RTCPeerConnection) -> str:
+        """The video codec the answer sends (its first), such as ``video/H264``."""
+        assert pc.localDescription is not None
+        parsed = SessionDescription.parse(pc.localDescription.sdp)
+        codecs = [c.mimeType for m in parsed.media if m.kind == "video" for c in m.rtp.codecs]
+        return codecs[0] if codecs else ""
 
     async def _gathered(self, pc: RTCPeerConnection) -> None:
         """aiortc gathers inside ``setLocalDescription``; wait for it anyway, bounded."""
@@ -381,7 +511,7 @@ class WebRtcSender:
                 return StreamResult(self.frames, self.stream.state, self.stream.error)
             room = self.audio_lead_frames - int(self.audio.buffered_frames)
             if room > 0:
-                frames = self.stream.take_frames(room)
+                frames = self._take(room)
                 if frames:
                     self._play(frames)
                     continue
@@ -415,7 +545,10 @@ class WebRtcSender:
                     await self.ready.wait()
         return not self._peer_gone
 
-    def _play(self, frames: list[Frame]) -> None:
+    def _take(self, limit: int) -> Sequence[Frame | EncodedFrame]:
+        return self.remote.take_packets(limit) if self.remote is not None else self.stream.take_frames(limit)
+
+    def _play(self, frames: Sequence[Frame | EncodedFrame]) -> None:
         if self.clock.base_index is None:
             frames = self._fresh(frames)
             if not frames:
@@ -423,11 +556,16 @@ class WebRtcSender:
             self.clock.base_index = frames[0].index
         for frame in frames:
             self.audio.push(frame.index, frame.audio)
-            self.video.push(frame.index, frame.image)
+            if isinstance(self.video, PacketVideoTrack):
+                assert isinstance(frame, EncodedFrame)
+                self.video.push(frame.index, frame.video, frame.keyframe)
+            else:
+                assert isinstance(frame, Frame)
+                self.video.push(frame.index, frame.image)
         self.frames += len(frames)
         self.on_frames(len(frames))
 
-    def _fresh(self, frames: list[Frame]) -> list[Frame]:
+    def _fresh(self, frames: Sequence[Frame | EncodedFrame]) -> Sequence[Frame | EncodedFrame]:
         """Live mode, before the first frame plays: idle frames the engine made while the peer was
         connecting are already late; skip them instead of adding their length to the latency."""
         if self.stream.mode is not StreamMode.LIVE:

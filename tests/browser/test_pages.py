@@ -210,6 +210,18 @@ async def test_mse_playback_advances(server: RunningServer, page: Any) -> None:
 
 
 async def test_webrtc_playback_decodes_frames(server: RunningServer, page: Any) -> None:
+    assert await play_webrtc(server, page) in ("video/VP8", "video/H264")
+
+
+async def test_webrtc_in_process_mode_plays_the_workers_h264(tmp_path: Path, page: Any) -> None:
+    with run_server(tmp_path, MTS_ENGINE__SLOTS="2", MTS_ENGINE__PROCESS_MODE="process",
+                    MTS_ENGINE__WORKERS="1") as running:
+        assert await play_webrtc(running, page) == "video/H264"
+
+
+async def play_webrtc(server: RunningServer, page: Any) -> str:
+    """Play the long sample over WebRTC: frames decoded, the video element's time moving, ``done``.
+    Returns the video codec Chromium received."""
     await open_index(page, server)
     await page.select_option("#sample", "long")
     await page.check("input[name=transport][value=webrtc]")
@@ -229,7 +241,9 @@ async def test_webrtc_playback_decodes_frames(server: RunningServer, page: Any) 
                 const pc = window.mts.client.pc;
                 const out = {};
                 if (pc) (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp') out[s.kind] = s; });
-                return { frames: out.video?.framesDecoded ?? 0, audio: out.audio?.packetsReceived ?? 0 };
+                const codec = out.video ? (await pc.getStats()).get(out.video.codecId) : null;
+                return { frames: out.video?.framesDecoded ?? 0, audio: out.audio?.packetsReceived ?? 0,
+                         codec: codec?.mimeType ?? "" };
             }"""
         )
         if stats["frames"] > 10 and stats["audio"] > 0:
@@ -242,6 +256,7 @@ async def test_webrtc_playback_decodes_frames(server: RunningServer, page: Any) 
     assert after > before
     assert (await page.text_content("#stat-transport")) == "webrtc"
     await state_is(page, "done")
+    return str(stats["codec"])
 
 
 async def test_embed_demo_plays(server: RunningServer, page: Any) -> None:

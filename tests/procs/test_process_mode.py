@@ -228,7 +228,7 @@ async def test_a_stalled_worker_leaves_the_capacity_until_it_runs_again(server: 
     assert worker_pid(server, "worker-1") == stalled  # it was never restarted
 
 
-async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningServer) -> None:
+async def test_a_vanished_webrtc_client_frees_its_slot_and_leaves_no_shared_memory(server: RunningServer) -> None:
     before = shm_entries(server)
     client = await Client.connect(server)
     await client.hello(mint("vanish", "normal"))
@@ -239,14 +239,13 @@ async def test_a_vanished_webrtc_client_frees_its_shared_memory(server: RunningS
         if len(video) >= 10:
             break
         await asyncio.sleep(0.1)
-    assert len(video) >= 10, "live idle frames come through the shared ring"
-    assert len(shm_entries(server) - before) == 1, "one ring for the stream"
+    assert len(video) >= 10, "live idle frames come, encoded by the worker"
     await client.ws.close()  # the client vanishes
     await pc.close()
     for task in tasks:
         task.cancel()
     wait_for(lambda: server.get("/v1/queue").json()["slots"]["busy"] == 0, "the slot comes back", server)
-    wait_for(lambda: not (shm_entries(server) - before), "the ring is unlinked", server)
+    wait_for(lambda: not (shm_entries(server) - before), "no shared memory is left", server)
 
 
 async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: Path) -> None:
@@ -264,7 +263,7 @@ async def test_sigterm_ends_every_worker_and_leaves_no_shared_memory(tmp_path: P
             if len(video) >= 5:
                 break
             await asyncio.sleep(0.1)
-        assert len(video) >= 5 and len(shm_entries(running) - before) == 1, "mid-stream, its ring exists"
+        assert len(video) >= 5, "mid-stream"
         running.process.send_signal(signal.SIGTERM)
         await asyncio.to_thread(running.process.wait, 30)  # (uvicorn re-raises SIGTERM once shut down)
         await pc.close()
