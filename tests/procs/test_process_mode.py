@@ -141,8 +141,10 @@ async def test_two_workers_serve_four_sessions_each_with_its_own_face(server: Ru
         # the rest of the face (all but the mouth) is the avatar's own picture
         assert distance(frames[0], faces[avatar]) * 3 < distance(frames[0], faces[other])
         await client.close()
-    assert metric(server, 'mts_worker_batch_size_count{worker="worker-0"}') > 0
-    assert metric(server, 'mts_worker_batch_size_count{worker="worker-1"}') > 0
+    # each worker reports its batches once a second, so the last ones may still be on their way
+    for worker in ("worker-0", "worker-1"):
+        batches = f'mts_worker_batch_size_count{{worker="{worker}"}}'
+        await asyncio.to_thread(wait_for, lambda b=batches: metric(server, b) > 0, f"{worker} rendered", server, 10)
 
 
 async def start_long_clip(server: RunningServer, sub: str, seconds: float = 20.0) -> Client:
