@@ -78,6 +78,7 @@ def admission_store(settings: Settings) -> AdmissionStore:
         tier_pools=settings.pools.tiers,
         overflow=settings.pools.overflow,
         lease_client=aioredis.Redis(connection_pool=lease_pool),
+        hot_window_s=settings.avatars.hot_window_s,
     )
 
 
@@ -129,7 +130,9 @@ class Node:
         # A shared line compares times taken on different machines: the wall clock.
         clock = time.time if isinstance(store, RedisAdmissionStore) else time.monotonic
         self.admission: Admission[RequestOwner] = Admission(
-            AdmissionPolicy(settings.queue, settings.pools), store, clock
+            AdmissionPolicy(settings.queue, settings.pools, hot_after_uses=settings.avatars.hot_after_uses),
+            store,
+            clock,
         )
         self.dispatcher = Dispatcher(
             self.admission,

@@ -7,6 +7,7 @@ ticket a resume may take back. Nothing else keeps a copy of either.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class Admission(Generic[OwnerT]):
         """Resume key -> the detached ticket it may take back."""
         self.on_change: Callable[[], None] = _nothing
         """Called after every step that changed the line (the dispatcher subscribes)."""
+        self._joining = asyncio.Lock()
+        """This node's joins are decided one at a time: a thousand sockets joining at once wait
+        here, not for the shared store's connections, and never decide on the same snapshot
+        (where one's insert would make all the others' stale). Never contended on one node,
+        where a join does not suspend."""
 
     @property
     def serving_count(self) -> int:
@@ -87,18 +93,22 @@ class Admission(Generic[OwnerT]):
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
         and its grant; a ticket granted with no owner is released by the dispatcher. ``hot``: its
-        avatar is hot (the policy's bounded boost). ``request`` (the ``start``, JSON) goes with the
-        ticket in a shared store, for a resume on another node."""
-        await self._expire(now)
-        while True:
-            snapshot, version = await self.store.join_snapshot(identity, tier, now)
-            key = self.policy.admit(tier, now, snapshot, hot=hot)
-            resume_key = owner.resume_key if owner is not None else ""
-            added = await self.store.insert(
-                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request), version
-            )
-            if added is not None:
-                break
+        avatar is hot by this node's count (the policy's bounded boost; a shared store counts
+        every node's). ``request`` (the ``start``, JSON) goes with the ticket in a shared store,
+        for a resume on another node."""
+        async with self._joining:
+            await self._expire(now)
+            while True:
+                snapshot, version = await self.store.join_snapshot(
+                    identity, tier, now, ticket_id=ticket_id, avatar=avatar
+                )
+                key = self.policy.admit(tier, now, snapshot, hot=hot)
+                resume_key = owner.resume_key if owner is not None else ""
+                added = await self.store.insert(
+                    NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request), version
+                )
+                if added is not None:
+                    break
         ticket, superseded = added
         for old in superseded:
             self._forget(old.id)

@@ -48,7 +48,9 @@ class MemoryAdmissionStore(AdmissionStore):
             self._changed()
         return [self._detached.pop(tid)[0] for tid in gone]
 
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, ticket_id: str = "", avatar: str = ""
+    ) -> tuple[JoinSnapshot, int]:
         # Refused joins count as offered work too, or refusing a tier would shrink its reserve.
         self.offered.add(tier, self.times.mean(tier) or 0.0, now)
         snapshot = JoinSnapshot(

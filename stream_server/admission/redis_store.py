@@ -7,16 +7,22 @@ waiting tickets of its clients are held for a resume on any node, at their place
 the first ticket and reserves a slot on a live node that has one, the ticket's own node first;
 when that is another node, the grant carries a single-use handoff id that expires with its slot.
 
+A node keeps a copy of the line (``redis_line.LineCopy``) that every read of it (a join's
+snapshot, the dispatcher's view) brings up to date with the changes since, so a read carries the
+whole line only when the copy is too far behind. The uses of each avatar are counted here too
+(``hot_window_s``), in the join's snapshot, so the hot boost is the same on every node.
+
 Times are the caller's clock, which must be shared by every node (``time.time`` in a cluster).
 A lost connection raises ``StoreUnavailable`` with the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -26,6 +32,7 @@ from redis.exceptions import RedisError, ResponseError
 from stream_server.admission import redis_scripts as lua
 from stream_server.admission.eta import OfferedWork, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
+from stream_server.admission.redis_line import LineCopy, LineLogGap
 from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket, StoreUnavailable
 
 OFFERED_HORIZON_S = 300.0
@@ -89,6 +96,7 @@ class RedisAdmissionStore(AdmissionStore):
         tier_pools: dict[str, list[str]] | None = None,
         overflow: dict[str, list[str]] | None = None,
         lease_client: aioredis.Redis | None = None,
+        hot_window_s: float = 0.0,
     ) -> None:
         self.client = client
         self.lease_client = lease_client or client
@@ -104,7 +112,12 @@ class RedisAdmissionStore(AdmissionStore):
         self.url = url
         self._tier_pools = json.dumps(tier_pools or {})
         self._overflow = json.dumps(overflow or {})
+        self.hot_window_s = hot_window_s
+        """Joins count their avatar's uses within this window in the store (0: they do not)."""
         self._scripts: dict[str, AsyncScript] = {}
+        self.line_copy = LineCopy(decode_ticket)
+        self._reading = asyncio.Lock()
+        """One read of the line at a time: each brings the copy from its version to the next."""
 
     async def _run(self, name: str, *args: str | int, lease: bool = False) -> Any:
         key = f"{name}:lease" if lease else name
@@ -120,6 +133,20 @@ class RedisAdmissionStore(AdmissionStore):
             raise
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
+
+    async def _read(self, name: str, args: Callable[[str, int], list[str | int]]) -> list[Any]:
+        """Run a script that reads the line (``line_since`` first in its reply) with the copy's
+        ``(epoch, version)``, and bring the copy to the version it read. The copy stays as it is
+        until the caller's next ``await``."""
+        async with self._reading:
+            copy = self.line_copy
+            reply: list[Any] = await self._run(name, *args(copy.epoch, copy.version))
+            try:
+                copy.update(reply[0])
+            except LineLogGap:
+                reply = await self._run(name, *args(copy.epoch, copy.version))
+                copy.update(reply[0])
+            return reply
 
     def _busy(self, entries: list[Any], now: float) -> list[tuple[str, float]]:
         out = []
@@ -160,26 +187,33 @@ class RedisAdmissionStore(AdmissionStore):
         members = await self._run("EXPIRE", repr(now), repr(self.resume_grace_s))
         return [decode_ticket(m) for m in members]
 
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
-        version, waiting, detached, busy, total, active, times, offered = await self._run(
-            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S)
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, ticket_id: str = "", avatar: str = ""
+    ) -> tuple[JoinSnapshot, int]:
+        window = self.hot_window_s if avatar else 0.0
+        since, total, active, times, offered, uses = await self._read(
+            "JOIN_SNAPSHOT",
+            lambda epoch, version: [
+                identity, tier, repr(now), repr(OFFERED_HORIZON_S), epoch, version, ticket_id, avatar, repr(window)
+            ],
         )
         work = OfferedWork(OFFERED_HORIZON_S)
         raw = _pairs(offered)
         for name in self.tiers:
             if name in raw:
                 work.restore(name, float(raw[name]), float(raw[f"{name}@"]))
-        held = [t for t in map(decode_ticket, detached) if t.identity != identity]
+        copy = self.line_copy
         snapshot = JoinSnapshot(
-            waiting=[decode_ticket(m) for m in waiting],
-            held=held,
-            busy=self._busy(busy, now),
+            waiting=copy.waiting,
+            held=[t for t in copy.detached.values() if t.identity != identity],
+            busy=self._busy(list(copy.busy.values()), now),
             slots_total=max(1, int(total)),
             identity_active=int(active),
             times=_times(times),
             offered={name: work.rate(name, now) for name in self.tiers},
+            avatar_uses=int(uses) if window > 0 else None,
         )
-        return snapshot, int(version)
+        return snapshot, int(since[1])
 
     async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
         reply = await self._run(
@@ -234,7 +268,8 @@ class RedisAdmissionStore(AdmissionStore):
         return None if member is None else decode_ticket(member)
 
     async def line(self, now: float) -> LineState:
-        waiting, busy, total, times, nodes = await self._run("LINE", repr(now))
+        _, total, times, nodes = await self._read("LINE", lambda epoch, version: [repr(now), epoch, version])
+        busy = list(self.line_copy.busy.values())
         node_pool: dict[str, str] = {}
         pool_slots: dict[str, int] = {}
         for i in range(0, len(nodes), 3):
@@ -243,7 +278,7 @@ class RedisAdmissionStore(AdmissionStore):
             pool_slots[pool] = pool_slots.get(pool, 0) + slots
         busy_nodes = [json.loads(_text(e))[2] for e in busy]
         return LineState(
-            waiting=[decode_ticket(m) for m in waiting],
+            waiting=self.line_copy.waiting,
             busy=self._busy(busy, now),
             slots_total=max(1, int(total)),
             times=_times(times),

@@ -84,9 +84,13 @@ class AdmissionStore(ABC):
         """Forget the detached tickets whose resume grace is over; return them."""
 
     @abstractmethod
-    async def join_snapshot(self, identity: str, tier: str, now: float) -> tuple[JoinSnapshot, int]:
+    async def join_snapshot(
+        self, identity: str, tier: str, now: float, *, ticket_id: str = "", avatar: str = ""
+    ) -> tuple[JoinSnapshot, int]:
         """Count a join attempt's work as offered and read the line for the decision; with the
-        store's version, which ``insert`` compares."""
+        store's version, which ``insert`` compares. A shared store also counts the use of
+        ``avatar`` by ``ticket_id`` (once, however often the join is decided again) and gives
+        the uses every node counted (``JoinSnapshot.avatar_uses``)."""
 
     @abstractmethod
     async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
