@@ -13,7 +13,7 @@ then includes its upload, which the server keeps as received (on disk beyond
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
     python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
-    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3 --join-batch 50   # Redis on 127.0.0.1:6379
+    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3   # Redis on 127.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -162,9 +162,7 @@ def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]
                     client.delete(*keys)
 
 
-async def run(
-    clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int, join_batch: int
-) -> dict[str, object]:
+async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int) -> dict[str, object]:
     upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), clients, nodes) as running:
         procs = [psutil.Process(s.process.pid) for s in running]
@@ -181,18 +179,17 @@ async def run(
         rss_before = rss()
         waiters: list[Waiter] = []
         subs: dict[int, str] = {}
-        for i in range(clients):
+        joining = time.perf_counter()
+        for i in range(clients):  # all at once: each sends its hello and start as soon as it is connected
             waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}", upload)
             subs[id(waiter)] = f"user-{i}"
             waiters.append(waiter)
-            if join_batch and len(waiters) % join_batch == 0:
-                while any(w.position is None and w.error is None for w in waiters):
-                    await asyncio.sleep(0.05)
         while any(w.position is None for w in waiters):
             failed = [w.error for w in waiters if w.error is not None]
             if failed:
                 raise RuntimeError(f"{len(failed)} clients were refused, e.g. {failed[0]}")
             await asyncio.sleep(0.1)
+        joined_s = time.perf_counter() - joining
         if upload is not None:
             while sum(metric(s, "mts_queued_audio_bytes") for s in running) < clients * len(upload):
                 await asyncio.sleep(0.2)
@@ -233,6 +230,7 @@ async def run(
             "nodes": nodes,
             "grants_that_were_redirects": redirects,
             "rounds": len(round_max),
+            "all_in_line_s": joined_s,
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "max_ms": 1000 * max(latencies),
@@ -257,10 +255,8 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=15.0,
                         help="measure memory again this much later (allocators give freed memory back with a delay)")
     parser.add_argument("--nodes", type=int, default=1, help="server processes sharing the line in Redis")
-    parser.add_argument("--join-batch", type=int, default=0,
-                        help="clients join in batches of this many, each once the last is in line (0: all at once)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes, args.join_batch))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

@@ -105,8 +105,12 @@ def _no_background_work() -> None:
 
 
 def clip_store(settings: Settings) -> ClipStore:
-    """The clip store ``stream.clip_store`` names, staging under ``<data_dir>/clips``."""
+    """The clip store ``stream.clip_store`` names, staging under ``<data_dir>/clips``. Clip URLs
+    go to the CDN (``stream.cdn_base_url``), else to this node's ``server.public_url`` when it has
+    one: a client that was redirected here fetches the clip from the node that made it."""
     stream = settings.stream
+    public = settings.server.public_url.rstrip("/")
+    base_url = stream.cdn_base_url or (f"{public}/v1/clips" if public else "")
     root = settings.server.data_dir / "clips"
     backend = None
     if stream.clip_store == "s3":
@@ -115,7 +119,7 @@ def clip_store(settings: Settings) -> ClipStore:
         backend = S3ClipBackend(
             stream.s3_bucket, prefix=stream.s3_prefix, endpoint_url=stream.s3_endpoint_url, region=stream.s3_region
         )
-    return ClipStore(root, stream.clip_cache_bytes, backend=backend, cdn_base_url=stream.cdn_base_url)
+    return ClipStore(root, stream.clip_cache_bytes, backend=backend, cdn_base_url=base_url)
 
 
 class Node:

@@ -67,7 +67,10 @@ class Admission(Generic[OwnerT]):
     def node_id(self) -> str:
         return self.store.node_id
 
-    async def _expire(self, now: float) -> None:
+    async def expire(self, now: float) -> None:
+        """Forget the detached tickets whose grace is over (their owners hear it) and, with a
+        shared store, the grants not taken up and the nodes whose lease ran out. Every step below
+        does it first, unless told the caller just did at the same ``now`` (a dispatcher round)."""
         for ticket in await self.store.expire(now):
             owner = self._owners.get(ticket.id)
             self._forget(ticket.id)
@@ -97,7 +100,7 @@ class Admission(Generic[OwnerT]):
         every node's). ``request`` (the ``start``, JSON) goes with the ticket in a shared store,
         for a resume on another node."""
         async with self._joining:
-            await self._expire(now)
+            await self.expire(now)
             while True:
                 snapshot, version = await self.store.join_snapshot(
                     identity, tier, now, ticket_id=ticket_id, avatar=avatar
@@ -141,7 +144,7 @@ class Admission(Generic[OwnerT]):
     async def reattach(self, ticket_id: str, identity: str, now: float) -> Ticket | None:
         """Put a detached ticket of ``identity`` back at its old place. ``None`` if unknown,
         expired or another identity's; then nothing changes, so its owner can still resume."""
-        await self._expire(now)
+        await self.expire(now)
         ticket = await self.store.reattach(ticket_id, identity)
         if ticket is None:
             return None
@@ -151,11 +154,12 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    async def grant(self, now: float) -> Grant | None:
+    async def grant(self, now: float, *, expired: bool = False) -> Grant | None:
         """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones.
         With a shared store the ticket may be another node's (``owner_node``): the store
         delivers the grant there."""
-        await self._expire(now)
+        if not expired:
+            await self.expire(now)
         grant = await self.store.pop_and_reserve(now)
         if grant is None:
             return None
@@ -210,9 +214,10 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    async def view(self, now: float) -> QueueView:
+    async def view(self, now: float, *, expired: bool = False) -> QueueView:
         """The whole line in grant order with each ticket's estimated wait."""
-        await self._expire(now)
+        if not expired:
+            await self.expire(now)
         line = await self.store.line(now)
         if line.pool_slots:
             eta = self.policy.estimates_in_pools(line.waiting, line.busy, line.busy_pools, line.pool_slots, line.times)
