@@ -35,7 +35,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from bench.common import lag_buckets, lag_p99_between, metric, percentile
+from bench.common import lag_buckets, lag_p99_between, metric, percentile, redis_scripts
 from tests.server_harness import RunningServer, free_port, mint, run_server, tone_wav
 
 
@@ -130,6 +130,28 @@ async def take_up(waiter: Waiter, sub: str, upload: bytes | None) -> Waiter:
     return moved
 
 
+IDLE_S = 3.0
+
+
+def total_scripts(running: list[RunningServer]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for server in running:
+        for name, n in redis_scripts(server).items():
+            out[name] = out.get(name, 0.0) + n
+    return out
+
+
+def per_script(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: n - before.get(name, 0.0) for name, n in after.items()}
+
+
+async def scripts_idle(running: list[RunningServer], seconds: float) -> tuple[dict[str, float], float]:
+    """The scripts every node ran while nothing happened for ``seconds``, and how long that was."""
+    before, started = total_scripts(running), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return per_script(before, total_scripts(running)), time.perf_counter() - started
+
+
 @contextlib.contextmanager
 def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]]:
     env = {
@@ -198,7 +220,9 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes
         await asyncio.sleep(settle_s)
         rss_settled = rss()
         lag_joining = max(metric(s, "mts_event_loop_lag_p99_seconds") for s in running)
+        idle_scripts, idle_s = await scripts_idle(running, IDLE_S)
         buckets_before = [lag_buckets(s) for s in running]
+        scripts_before, rounds_started = total_scripts(running), time.perf_counter()
 
         latencies: list[float] = []
         round_max: list[float] = []
@@ -224,6 +248,8 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes
             granted = next(w for w in waiting if w.position == 0)
             redirects += granted.redirect is not None
             holders.append(await take_up(granted, subs[id(granted)], upload))
+        rounds_s = time.perf_counter() - rounds_started
+        round_scripts = per_script(scripts_before, total_scripts(running))
         lag_rounds = max(lag_p99_between(b, lag_buckets(s)) for b, s in zip(buckets_before, running, strict=True))
         result = {
             "clients": clients,
@@ -242,6 +268,15 @@ async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
             "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_rounds,
         }
+        if nodes > 1:
+            # scripts a grant costs, all nodes together, less what the same time costs idle
+            # (heartbeats, leases, the dispatchers' heartbeat rounds)
+            grants = max(1, len(round_max))
+            result["redis_scripts_per_grant"] = {
+                name: round((n - idle_scripts.get(name, 0.0) * rounds_s / idle_s) / grants, 1)
+                for name, n in sorted(round_scripts.items())
+            }
+            result["redis_scripts_idle_per_s"] = {k: round(v / idle_s, 1) for k, v in sorted(idle_scripts.items())}
         for w in [*holders, *waiters]:
             w.close()
         return result

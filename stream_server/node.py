@@ -146,6 +146,8 @@ class Node:
             grant_tokens=GrantTokens(self.auth.secret) if isinstance(store, RedisAdmissionStore) else None,
             grant_ttl_s=settings.cluster.grant_ttl_s,
         )
+        if isinstance(store, RedisAdmissionStore):
+            self.metrics.watch_redis_scripts(store.calls, lambda: store.line_copy.whole_reads)
         self.membership = (
             Membership(store, settings.cluster.lease_s, clock, self.dispatcher.changed, self._line_lost)
             if isinstance(store, RedisAdmissionStore)

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import json
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -115,6 +116,8 @@ class RedisAdmissionStore(AdmissionStore):
         self.hot_window_s = hot_window_s
         """Joins count their avatar's uses within this window in the store (0: they do not)."""
         self._scripts: dict[str, AsyncScript] = {}
+        self.calls: Counter[str] = Counter()
+        """Scripts run, by name: each is one round trip to Redis."""
         self.line_copy = LineCopy(decode_ticket)
         self._reading = asyncio.Lock()
         """One read of the line at a time: each brings the copy from its version to the next."""
@@ -125,6 +128,7 @@ class RedisAdmissionStore(AdmissionStore):
         if script is None:
             client = self.lease_client if lease else self.client
             script = self._scripts[key] = client.register_script(getattr(lua, name))
+        self.calls[name] += 1
         try:
             return await cast(Awaitable[Any], script(args=[self.prefix, *args]))
         except ResponseError as exc:
