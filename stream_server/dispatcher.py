@@ -104,6 +104,8 @@ class Dispatcher(Generic[OwnerT]):
             if grant.owner_node == admission.node_id:
                 await self._hand_over(grant)
             # else: the store put it in the inbox of the node that holds the ticket's client
+            if not grant.more:
+                break  # no slot left: no need to ask again
         self.metrics.sessions_active.set(admission.serving_count)
 
     async def _hand_over(self, grant: Grant) -> None:
@@ -125,12 +127,16 @@ class Dispatcher(Generic[OwnerT]):
 
     def _pool_metrics(self, view: QueueView) -> None:
         pools = self.admission.policy.pools
+        per_tier: dict[str, tuple[int, float]] = {}  # (waiting, largest estimate): one pass over the line
+        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
+            n, largest = per_tier.get(ticket.tier, (0, 0.0))
+            per_tier[ticket.tier] = (n + 1, largest if eta is None or eta < largest else eta)
         waiting = dict.fromkeys(view.pools, 0)
         last_eta = dict.fromkeys(view.pools, 0.0)
-        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
-            for pool in pools.primary(ticket.tier) or list(view.pools):
-                waiting[pool] = waiting.get(pool, 0) + 1
-                last_eta[pool] = max(last_eta.get(pool, 0.0), eta or 0.0)
+        for tier, (n, largest) in per_tier.items():
+            for pool in pools.primary(tier) or list(view.pools):
+                waiting[pool] = waiting.get(pool, 0) + n
+                last_eta[pool] = max(last_eta.get(pool, 0.0), largest)
         m = self.metrics
         for pool, n in waiting.items():
             total, busy = view.pools.get(pool, (0, 0))

@@ -126,7 +126,7 @@ class MemoryAdmissionStore(AdmissionStore):
         del self._by_id[ticket.id]
         self._busy[ticket.id] = (ticket, now)
         self._changed()
-        return Grant(ticket, now, len(self._waiting))
+        return Grant(ticket, now, len(self._waiting), more=len(self._busy) < self.slots_total)
 
     async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
         entry = self._busy.pop(ticket_id, None)

@@ -265,7 +265,9 @@ return m
 # ARGV: prefix, now, this node, grant id, grant deadline, grant ttl (ms), tier -> pools (JSON),
 # tier -> overflow pools (JSON). The first waiting ticket that a free slot may serve is granted:
 # a slot of one of its tier's pools (any pool for a tier not mapped), else of one of its overflow
-# pools to which no waiting ticket's tier is mapped; on its own node if that has one.
+# pools to which no waiting ticket's tier is mapped; on its own node if that has one. Returns the
+# grant: member, since, node, handoff id, tickets still waiting, the node's URL, and the slots
+# still free (on the nodes taking grants).
 POP_AND_RESERVE = COMMON + """
 local now, me = ARGV[2], ARGV[3]
 local primary, overflow = cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
@@ -344,7 +346,9 @@ if best ~= t[7] then
   redis.call('ZADD', k('gexp'), ARGV[5], t[1])
 end
 local size = redis.call('ZCARD', k('wait'))
-local grant = {m, now, best, handoff, tostring(size), redis.call('HGET', k('nurl'), best) or ''}
+local left = -1
+for _, n in ipairs(nodes) do left = left + free[n] end
+local grant = {m, now, best, handoff, tostring(size), redis.call('HGET', k('nurl'), best) or '', tostring(left)}
 if t[7] ~= me then redis.call('RPUSH', k('inbox:' .. t[7]), cjson.encode(grant)) end
 changed()
 return grant

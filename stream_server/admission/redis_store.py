@@ -160,10 +160,11 @@ class RedisAdmissionStore(AdmissionStore):
         return out
 
     def _grant(self, raw: list[Any]) -> Grant:
-        member, since, node, handoff, size, url = (_text(x) for x in raw)
+        member, since, node, handoff, size, url, left = (_text(x) for x in raw)
         ticket = decode_ticket(member)
         return Grant(
-            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url
+            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url,
+            more=int(left) > 0,
         )
 
     # ----- cluster membership -----

@@ -35,6 +35,8 @@ class Grant:
     presents there (``hello{resume: grant}``); the slot returns if it is not used in time."""
     node_url: str = ""
     """Where clients reach ``node`` (its advertised ``cluster.public_url``)."""
+    more: bool = True
+    """A slot was still free once this one was reserved: another grant may follow at once."""
 
     @property
     def remote(self) -> bool:
