@@ -177,6 +177,12 @@ class RedisAdmissionStore(AdmissionStore):
         )
         return bool(new)
 
+    async def drop_idle_connections(self) -> None:
+        """Close the connections idle in the pools: after Redis restarted they lead nowhere, and
+        the next step on one would fail once before a new one is opened."""
+        for client in (self.client, self.lease_client):
+            await client.connection_pool.disconnect(inuse_connections=False)
+
     async def drain(self) -> None:
         """This node takes no new grants (it is shutting down)."""
         await self._run("DRAIN", self.node_id)
