@@ -305,11 +305,22 @@ local function set_of(list)
   for _, x in ipairs(list) do out[x] = true end
   return out
 end
-local waiting = redis.call('ZRANGE', k('wait'), 0, -1)
+local function in_order()
+  -- the waiting members a page at a time: a grant mostly takes one of the first
+  local page, i, from = {}, 0, 0
+  return function()
+    i = i + 1
+    if i > #page then
+      page = redis.call('ZRANGE', k('wait'), from, from + 63)
+      from, i = from + 64, 1
+    end
+    return page[i]
+  end
+end
 local demanded = false
 local m, t, best = false, false, false
 local full = {}
-for _, candidate in ipairs(waiting) do
+for candidate in in_order() do
   local c = decode(candidate)
   local tier = c[3]
   if not full[tier] then
@@ -318,7 +329,7 @@ for _, candidate in ipairs(waiting) do
     if not node and overflow[tier] then
       if not demanded then
         demanded = {}
-        for _, other in ipairs(waiting) do
+        for _, other in ipairs(redis.call('ZRANGE', k('wait'), 0, -1)) do
           for _, p in ipairs(primary[decode(other)[3]] or {}) do demanded[p] = true end
         end
       end
