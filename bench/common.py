@@ -12,6 +12,17 @@ def metric(server: RunningServer, name: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
+def redis_scripts(server: RunningServer) -> dict[str, float]:
+    """The node's ``mts_redis_scripts_total`` by script (a node on a shared line), with the
+    reads that carried the whole line as ``whole_line_reads``."""
+    text = server.get("/metrics").text
+    counts = {s: float(n) for s, n in re.findall(r'^mts_redis_scripts_total\{script="([^"]+)"\} (\S+)$', text, re.M)}
+    whole = re.search(r"^mts_line_whole_reads_total (\S+)$", text, re.M)
+    if whole:
+        counts["whole_line_reads"] = float(whole.group(1))
+    return counts
+
+
 def lag_buckets(server: RunningServer) -> dict[float, float]:
     """Cumulative counts of the server's event-loop lag histogram, by upper bound in seconds."""
     pattern = r'^mts_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$'

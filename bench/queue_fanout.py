@@ -13,7 +13,7 @@ then includes its upload, which the server keeps as received (on disk beyond
 
     python -m bench.queue_fanout --clients 1000 --rounds 20
     python -m bench.queue_fanout --clients 1000 --rounds 5 --upload-s 10
-    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3 --join-batch 50   # Redis on 127.0.0.1:6379
+    python -m bench.queue_fanout --clients 1000 --rounds 10 --nodes 3   # Redis on 127.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from bench.common import lag_buckets, lag_p99_between, metric, percentile
+from bench.common import lag_buckets, lag_p99_between, metric, percentile, redis_scripts
 from tests.server_harness import RunningServer, free_port, mint, run_server, tone_wav
 
 
@@ -130,6 +130,28 @@ async def take_up(waiter: Waiter, sub: str, upload: bytes | None) -> Waiter:
     return moved
 
 
+IDLE_S = 3.0
+
+
+def total_scripts(running: list[RunningServer]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for server in running:
+        for name, n in redis_scripts(server).items():
+            out[name] = out.get(name, 0.0) + n
+    return out
+
+
+def per_script(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: n - before.get(name, 0.0) for name, n in after.items()}
+
+
+async def scripts_idle(running: list[RunningServer], seconds: float) -> tuple[dict[str, float], float]:
+    """The scripts every node ran while nothing happened for ``seconds``, and how long that was."""
+    before, started = total_scripts(running), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return per_script(before, total_scripts(running)), time.perf_counter() - started
+
+
 @contextlib.contextmanager
 def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]]:
     env = {
@@ -162,9 +184,7 @@ def servers(tmp: Path, clients: int, nodes: int) -> Iterator[list[RunningServer]
                     client.delete(*keys)
 
 
-async def run(
-    clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int, join_batch: int
-) -> dict[str, object]:
+async def run(clients: int, rounds: int, upload_s: float, settle_s: float, nodes: int) -> dict[str, object]:
     upload = tone_wav(upload_s) if upload_s > 0 else None
     with tempfile.TemporaryDirectory() as tmp, servers(Path(tmp), clients, nodes) as running:
         procs = [psutil.Process(s.process.pid) for s in running]
@@ -181,18 +201,17 @@ async def run(
         rss_before = rss()
         waiters: list[Waiter] = []
         subs: dict[int, str] = {}
-        for i in range(clients):
+        joining = time.perf_counter()
+        for i in range(clients):  # all at once: each sends its hello and start as soon as it is connected
             waiter = await open_waiter(running[i % nodes].ws_url, f"user-{i}", upload)
             subs[id(waiter)] = f"user-{i}"
             waiters.append(waiter)
-            if join_batch and len(waiters) % join_batch == 0:
-                while any(w.position is None and w.error is None for w in waiters):
-                    await asyncio.sleep(0.05)
         while any(w.position is None for w in waiters):
             failed = [w.error for w in waiters if w.error is not None]
             if failed:
                 raise RuntimeError(f"{len(failed)} clients were refused, e.g. {failed[0]}")
             await asyncio.sleep(0.1)
+        joined_s = time.perf_counter() - joining
         if upload is not None:
             while sum(metric(s, "mts_queued_audio_bytes") for s in running) < clients * len(upload):
                 await asyncio.sleep(0.2)
@@ -201,7 +220,9 @@ async def run(
         await asyncio.sleep(settle_s)
         rss_settled = rss()
         lag_joining = max(metric(s, "mts_event_loop_lag_p99_seconds") for s in running)
+        idle_scripts, idle_s = await scripts_idle(running, IDLE_S)
         buckets_before = [lag_buckets(s) for s in running]
+        scripts_before, rounds_started = total_scripts(running), time.perf_counter()
 
         latencies: list[float] = []
         round_max: list[float] = []
@@ -227,12 +248,15 @@ async def run(
             granted = next(w for w in waiting if w.position == 0)
             redirects += granted.redirect is not None
             holders.append(await take_up(granted, subs[id(granted)], upload))
+        rounds_s = time.perf_counter() - rounds_started
+        round_scripts = per_script(scripts_before, total_scripts(running))
         lag_rounds = max(lag_p99_between(b, lag_buckets(s)) for b, s in zip(buckets_before, running, strict=True))
         result = {
             "clients": clients,
             "nodes": nodes,
             "grants_that_were_redirects": redirects,
             "rounds": len(round_max),
+            "all_in_line_s": joined_s,
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "max_ms": 1000 * max(latencies),
@@ -244,6 +268,15 @@ async def run(
             "loop_lag_p99_ms_while_joining": 1000 * lag_joining,
             "loop_lag_p99_ms_during_rounds_at_most": 1000 * lag_rounds,
         }
+        if nodes > 1:
+            # scripts a grant costs, all nodes together, less what the same time costs idle
+            # (heartbeats, leases, the dispatchers' heartbeat rounds)
+            grants = max(1, len(round_max))
+            result["redis_scripts_per_grant"] = {
+                name: round((n - idle_scripts.get(name, 0.0) * rounds_s / idle_s) / grants, 1)
+                for name, n in sorted(round_scripts.items())
+            }
+            result["redis_scripts_idle_per_s"] = {k: round(v / idle_s, 1) for k, v in sorted(idle_scripts.items())}
         for w in [*holders, *waiters]:
             w.close()
         return result
@@ -257,10 +290,8 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=15.0,
                         help="measure memory again this much later (allocators give freed memory back with a delay)")
     parser.add_argument("--nodes", type=int, default=1, help="server processes sharing the line in Redis")
-    parser.add_argument("--join-batch", type=int, default=0,
-                        help="clients join in batches of this many, each once the last is in line (0: all at once)")
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes, args.join_batch))
+    result = asyncio.run(run(args.clients, args.rounds, args.upload_s, args.settle_s, args.nodes))
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}, indent=2))
 
 

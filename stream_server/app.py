@@ -24,6 +24,7 @@ from inference.avatars.layout import InvalidAvatarId, is_avatar_id, validate_ava
 from inference.avatars.preparer import PreparationsFull
 from inference.engine import AvatarInfo
 from inference.serving_engine import ServingEngine
+from stream_server.admission.store import StoreUnavailable
 from stream_server.avatar_upload import UploadRefused, receive_avatar_upload
 from stream_server.hello_deadline import HelloDeadline
 from stream_server.node import Node
@@ -36,6 +37,7 @@ from stream_server.protocol import (
     message_id,
     parse_client_message,
 )
+from stream_server.session.session import STORE_RETRY_S
 from stream_server.settings import Settings
 from stream_server.ws_abort import ABORT
 
@@ -230,7 +232,11 @@ async def metrics(request: Request) -> Response:
 
 async def queue_summary(request: Request) -> Response:
     node: Node = request.app.state.node
-    return JSONResponse(await node.queue_summary())
+    try:
+        return JSONResponse(await node.queue_summary())
+    except StoreUnavailable as exc:
+        body = {"code": "internal", "message": f"{exc}; try again", "retry_after_s": STORE_RETRY_S}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(round(STORE_RETRY_S))})
 
 
 async def list_avatars(request: Request) -> Response:

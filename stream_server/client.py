@@ -149,6 +149,11 @@ async def fetch_clip(
         await connection.close()
 
 
+def clip_url(server: str, clip: str) -> str:
+    """Where ``done.clip`` is: a full URL (a CDN, or the node that made it), or a path on ``server``."""
+    return clip if "://" in clip else server.rstrip("/") + clip
+
+
 def run_client(args: argparse.Namespace) -> int:
     audio_path: Path = args.audio
     output: Path = args.output
@@ -181,7 +186,7 @@ def run_client(args: argparse.Namespace) -> int:
     except (OSError, av.FFmpegError) as exc:
         print(f"error: cannot write {output}: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {output}" + (f" (also at {args.server.rstrip('/')}{done.clip})" if done.clip else ""),
+    print(f"wrote {output}" + (f" (also at {clip_url(args.server, done.clip)})" if done.clip else ""),
           file=sys.stderr)
     return 0
 

@@ -82,26 +82,30 @@ class Dispatcher(Generic[OwnerT]):
                 await asyncio.wait_for(self._changed.wait(), max(0.0, next_tick - time.monotonic()))
             self._changed.clear()
             try:
+                now = self.admission.clock()
+                await self.admission.expire(now)  # once a round: the steps below take it as done
                 await self._retry_releases()
-                await self._grant_all()
+                await self._grant_all(now)
                 heartbeat = None
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + tick
                     phase = (phase + 1) % HEARTBEAT_PHASES
                     heartbeat = phase
-                await self._push_positions(heartbeat_phase=heartbeat)
+                await self._push_positions(now, heartbeat_phase=heartbeat)
             except Exception:
                 log.exception("dispatcher round failed")
                 await asyncio.sleep(0.1)
 
-    async def _grant_all(self) -> None:
+    async def _grant_all(self, now: float) -> None:
         admission = self.admission
         for delivered in await admission.delivered():
             await self._hand_over(delivered)
-        while self.granting and (grant := await admission.grant(admission.clock())) is not None:
+        while self.granting and (grant := await admission.grant(now, expired=True)) is not None:
             if grant.owner_node == admission.node_id:
                 await self._hand_over(grant)
             # else: the store put it in the inbox of the node that holds the ticket's client
+            if not grant.more:
+                break  # no slot left: no need to ask again
         self.metrics.sessions_active.set(admission.serving_count)
 
     async def _hand_over(self, grant: Grant) -> None:
@@ -123,12 +127,16 @@ class Dispatcher(Generic[OwnerT]):
 
     def _pool_metrics(self, view: QueueView) -> None:
         pools = self.admission.policy.pools
+        per_tier: dict[str, tuple[int, float]] = {}  # (waiting, largest estimate): one pass over the line
+        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
+            n, largest = per_tier.get(ticket.tier, (0, 0.0))
+            per_tier[ticket.tier] = (n + 1, largest if eta is None or eta < largest else eta)
         waiting = dict.fromkeys(view.pools, 0)
         last_eta = dict.fromkeys(view.pools, 0.0)
-        for ticket, eta in zip(view.waiting, view.eta_s, strict=True):
-            for pool in pools.primary(ticket.tier) or list(view.pools):
-                waiting[pool] = waiting.get(pool, 0) + 1
-                last_eta[pool] = max(last_eta.get(pool, 0.0), eta or 0.0)
+        for tier, (n, largest) in per_tier.items():
+            for pool in pools.primary(tier) or list(view.pools):
+                waiting[pool] = waiting.get(pool, 0) + n
+                last_eta[pool] = max(last_eta.get(pool, 0.0), largest)
         m = self.metrics
         for pool, n in waiting.items():
             total, busy = view.pools.get(pool, (0, 0))
@@ -137,8 +145,8 @@ class Dispatcher(Generic[OwnerT]):
             m.pool_slots.labels(pool).set(total)
             m.pool_slots_busy.labels(pool).set(busy)
 
-    async def _push_positions(self, *, heartbeat_phase: int | None) -> None:
-        view = await self.admission.view(self.admission.clock())
+    async def _push_positions(self, now: float, *, heartbeat_phase: int | None) -> None:
+        view = await self.admission.view(now, expired=True)
         size = len(view.waiting)
         counts = dict.fromkeys(TIER_NAMES, 0)
         owner_of = self.admission.owner

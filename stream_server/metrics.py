@@ -39,6 +39,25 @@ class AvatarCacheCollector(Collector):
             yield family
 
 
+class RedisScriptCollector(Collector):
+    """``mts_redis_scripts_total`` by script (each one round trip to Redis), and
+    ``mts_line_whole_reads_total``: reads of the shared line that carried all of it (the others
+    carried only the changes since this node's copy), read from the store's own counts."""
+
+    def __init__(self, calls: Mapping[str, int], whole_reads: Callable[[], int]) -> None:
+        self.calls = calls
+        self.whole_reads = whole_reads
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("mts_redis_scripts", "Lua scripts run on Redis, by script", labels=["script"])
+        for script, n in sorted(self.calls.items()):
+            family.add_metric([script.lower()], n)
+        yield family
+        yield CounterMetricFamily(
+            "mts_line_whole_reads", "Reads of the shared line that carried all of it", value=self.whole_reads()
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -145,3 +164,6 @@ class Metrics:
 
     def watch_avatar_caches(self, stats: Callable[[], Mapping[str, CacheStats]]) -> None:
         self.registry.register(AvatarCacheCollector(stats))
+
+    def watch_redis_scripts(self, calls: Mapping[str, int], whole_reads: Callable[[], int]) -> None:
+        self.registry.register(RedisScriptCollector(calls, whole_reads))

@@ -80,6 +80,7 @@ def admission_store(settings: Settings) -> AdmissionStore:
         tier_pools=settings.pools.tiers,
         overflow=settings.pools.overflow,
         lease_client=aioredis.Redis(connection_pool=lease_pool),
+        hot_window_s=settings.avatars.hot_window_s,
     )
 
 
@@ -107,8 +108,12 @@ def _no_background_work() -> None:
 
 
 def clip_store(settings: Settings) -> ClipStore:
-    """The clip store ``stream.clip_store`` names, staging under ``<data_dir>/clips``."""
+    """The clip store ``stream.clip_store`` names, staging under ``<data_dir>/clips``. Clip URLs
+    go to the CDN (``stream.cdn_base_url``), else to this node's ``server.public_url`` when it has
+    one: a client that was redirected here fetches the clip from the node that made it."""
     stream = settings.stream
+    public = settings.server.public_url.rstrip("/")
+    base_url = stream.cdn_base_url or (f"{public}/v1/clips" if public else "")
     root = settings.server.data_dir / "clips"
     backend = None
     if stream.clip_store == "s3":
@@ -117,7 +122,7 @@ def clip_store(settings: Settings) -> ClipStore:
         backend = S3ClipBackend(
             stream.s3_bucket, prefix=stream.s3_prefix, endpoint_url=stream.s3_endpoint_url, region=stream.s3_region
         )
-    return ClipStore(root, stream.clip_cache_bytes, backend=backend, cdn_base_url=stream.cdn_base_url)
+    return ClipStore(root, stream.clip_cache_bytes, backend=backend, cdn_base_url=base_url)
 
 
 class Node:
@@ -132,7 +137,9 @@ class Node:
         # A shared line compares times taken on different machines: the wall clock.
         clock = time.time if isinstance(store, RedisAdmissionStore) else time.monotonic
         self.admission: Admission[RequestOwner] = Admission(
-            AdmissionPolicy(settings.queue, settings.pools), store, clock
+            AdmissionPolicy(settings.queue, settings.pools, hot_after_uses=settings.avatars.hot_after_uses),
+            store,
+            clock,
         )
         self.dispatcher = Dispatcher(
             self.admission,
@@ -142,6 +149,8 @@ class Node:
             grant_tokens=GrantTokens(self.auth.secret) if isinstance(store, RedisAdmissionStore) else None,
             grant_ttl_s=settings.cluster.grant_ttl_s,
         )
+        if isinstance(store, RedisAdmissionStore):
+            self.metrics.watch_redis_scripts(store.calls, lambda: store.line_copy.whole_reads)
         self.membership = (
             Membership(store, settings.cluster.lease_s, clock, self.dispatcher.changed, self._line_lost)
             if isinstance(store, RedisAdmissionStore)

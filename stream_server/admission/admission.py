@@ -7,6 +7,7 @@ ticket a resume may take back. Nothing else keeps a copy of either.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,11 @@ class Admission(Generic[OwnerT]):
         """Resume key -> the detached ticket it may take back."""
         self.on_change: Callable[[], None] = _nothing
         """Called after every step that changed the line (the dispatcher subscribes)."""
+        self._joining = asyncio.Lock()
+        """This node's joins are decided one at a time: a thousand sockets joining at once wait
+        here, not for the shared store's connections, and never decide on the same snapshot
+        (where one's insert would make all the others' stale). Never contended on one node,
+        where a join does not suspend."""
 
     @property
     def serving_count(self) -> int:
@@ -62,7 +68,10 @@ class Admission(Generic[OwnerT]):
     def node_id(self) -> str:
         return self.store.node_id
 
-    async def _expire(self, now: float) -> None:
+    async def expire(self, now: float) -> None:
+        """Forget the detached tickets whose grace is over (their owners hear it) and, with a
+        shared store, the grants not taken up and the nodes whose lease ran out. Every step below
+        does it first, unless told the caller just did at the same ``now`` (a dispatcher round)."""
         for ticket in await self.store.expire(now):
             owner = self._owners.get(ticket.id)
             self._forget(ticket.id)
@@ -89,19 +98,23 @@ class Admission(Generic[OwnerT]):
     ) -> Ticket:
         """Add a ticket, or raise ``QueueFull`` / ``IdentityBusy``. ``owner`` hears of its place
         and its grant; a ticket granted with no owner is released by the dispatcher. ``hot``: its
-        avatar is hot (the policy's bounded boost). ``request`` (the ``start``, JSON) goes with the
-        ticket in a shared store, for a resume on another node. ``mode``: the ``start``'s, which
-        the estimates of the tickets behind it go by."""
-        await self._expire(now)
-        while True:
-            snapshot, version = await self.store.join_snapshot(identity, tier, now, mode=mode)
-            key = self.policy.admit(tier, now, snapshot, hot=hot, mode=mode)
-            resume_key = owner.resume_key if owner is not None else ""
-            added = await self.store.insert(
-                NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request, mode), version
-            )
-            if added is not None:
-                break
+        avatar is hot by this node's count (the policy's bounded boost; a shared store counts
+        every node's). ``request`` (the ``start``, JSON) goes with the ticket in a shared store,
+        for a resume on another node. ``mode``: the ``start``'s, which the estimates of the
+        tickets behind it go by."""
+        async with self._joining:
+            await self.expire(now)
+            while True:
+                snapshot, version = await self.store.join_snapshot(
+                    identity, tier, now, mode=mode, ticket_id=ticket_id, avatar=avatar
+                )
+                key = self.policy.admit(tier, now, snapshot, hot=hot, mode=mode)
+                resume_key = owner.resume_key if owner is not None else ""
+                added = await self.store.insert(
+                    NewTicket(ticket_id, identity, tier, avatar, now, key, resume_key, request, mode), version
+                )
+                if added is not None:
+                    break
         ticket, superseded = added
         for old in superseded:
             self._forget(old.id)
@@ -134,7 +147,7 @@ class Admission(Generic[OwnerT]):
     async def reattach(self, ticket_id: str, identity: str, now: float) -> Ticket | None:
         """Put a detached ticket of ``identity`` back at its old place. ``None`` if unknown,
         expired or another identity's; then nothing changes, so its owner can still resume."""
-        await self._expire(now)
+        await self.expire(now)
         ticket = await self.store.reattach(ticket_id, identity)
         if ticket is None:
             return None
@@ -144,11 +157,12 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    async def grant(self, now: float) -> Grant | None:
+    async def grant(self, now: float, *, expired: bool = False) -> Grant | None:
         """Pop the first ticket and reserve a slot for it; its owner moves to the serving ones.
         With a shared store the ticket may be another node's (``owner_node``): the store
         delivers the grant there."""
-        await self._expire(now)
+        if not expired:
+            await self.expire(now)
         grant = await self.store.pop_and_reserve(now)
         if grant is None:
             return None
@@ -203,9 +217,10 @@ class Admission(Generic[OwnerT]):
         self.on_change()
         return ticket
 
-    async def view(self, now: float) -> QueueView:
+    async def view(self, now: float, *, expired: bool = False) -> QueueView:
         """The whole line in grant order with each ticket's estimated wait."""
-        await self._expire(now)
+        if not expired:
+            await self.expire(now)
         line = await self.store.line(now)
         if line.pool_slots:
             eta = self.policy.estimates_in_pools(line.waiting, line.busy, line.busy_pools, line.pool_slots, line.times)

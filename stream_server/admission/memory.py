@@ -49,7 +49,7 @@ class MemoryAdmissionStore(AdmissionStore):
         return [self._detached.pop(tid)[0] for tid in gone]
 
     async def join_snapshot(
-        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP, ticket_id: str = "", avatar: str = ""
     ) -> tuple[JoinSnapshot, int]:
         # Refused joins count as offered work too, or refusing a tier would shrink its reserve.
         self.offered.add(tier, self.times.mean(mode, tier) or 0.0, now)
@@ -127,7 +127,7 @@ class MemoryAdmissionStore(AdmissionStore):
         del self._by_id[ticket.id]
         self._busy[ticket.id] = (ticket, now)
         self._changed()
-        return Grant(ticket, now, len(self._waiting))
+        return Grant(ticket, now, len(self._waiting), more=len(self._busy) < self.slots_total)
 
     async def release(self, ticket_id: str, now: float, *, served: bool) -> Ticket | None:
         entry = self._busy.pop(ticket_id, None)

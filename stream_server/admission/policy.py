@@ -80,12 +80,19 @@ class JoinSnapshot:
     times: ServiceTimes
     offered: Mapping[str, float]
     """Slot-seconds a second each tier has recently asked for."""
+    avatar_uses: int | None = None
+    """The joining avatar's uses within the hot window as a shared store counts them (every
+    node's joins, this one included); ``None`` where the caller counts them (one node)."""
 
 
 class AdmissionPolicy:
-    def __init__(self, settings: QueueSettings, pools: PoolSettings | None = None) -> None:
+    def __init__(
+        self, settings: QueueSettings, pools: PoolSettings | None = None, *, hot_after_uses: int = 10
+    ) -> None:
         self.settings = settings
         self.pools = pools or PoolSettings()
+        self.hot_after_uses = hot_after_uses
+        """An avatar with more uses than this within the window is hot (``avatars.hot_after_uses``)."""
 
     @property
     def resume_grace_s(self) -> float:
@@ -109,8 +116,11 @@ class AdmissionPolicy:
 
     def admit(self, tier: str, now: float, line: JoinSnapshot, *, hot: bool = False, mode: str = CLIP) -> float:
         """The order key of a ticket of ``tier`` and ``mode`` joining ``line`` now (``hot``: its
-        avatar is hot); raise ``IdentityBusy`` or ``QueueFull`` when it may not join. A boost that
-        would make an on-time waiting ticket late is not given."""
+        avatar is hot by the caller's count; a shared store's count, ``line.avatar_uses``,
+        decides instead where there is one); raise ``IdentityBusy`` or ``QueueFull`` when it may
+        not join. A boost that would make an on-time waiting ticket late is not given."""
+        if line.avatar_uses is not None:
+            hot = line.avatar_uses > self.hot_after_uses
         s = self.settings
         if line.identity_active >= s.per_identity_cap:
             raise IdentityBusy(f"this identity already has {line.identity_active} active request(s)")

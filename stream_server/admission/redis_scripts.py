@@ -8,6 +8,11 @@ Layout, below the prefix:
 
 * ``ver`` (counter): bumped by every change of the line; ``insert`` compares it (join = snapshot,
   policy, conditional insert). ``seq`` (counter): arrival order, the tie-break of equal keys.
+* ``log`` (list): what each change did to ``wait``, ``det`` and ``busy``, one JSON entry
+  ``[version, [[op, id, member?], ...]]`` per version, the last ``LOG_MAX``; ``epoch``: set anew
+  when ``ver`` starts again (an empty Redis). A node keeps a copy of the line at one
+  ``(epoch, version)`` and a read brings it the entries since (``line_since``): it reads the whole
+  line only when it is further behind than the log.
 * ``wait`` (sorted set): waiting tickets, score = the order key, member = ``%015d`` seq + JSON
   ``[id, identity, tier, joined_at, key, avatar, node, resume_key, request, mode]`` (numbers as Python
   reprs, so nothing loses precision), so equal keys sort by seq; ``wm`` (hash): id -> member.
@@ -24,7 +29,10 @@ Layout, below the prefix:
 * ``nodes`` (sorted set) node -> lease deadline; ``nslots``, ``npool``, ``nurl`` (hashes);
   ``drain`` (set): nodes that take no new grants; ``inbox:<node>`` (list): grants made by
   another node for tickets whose clients that node holds.
-* ``changed`` (channel): published on every change, so every node pushes positions at once.
+* ``hot:<avatar>`` (sorted set): the joins that asked for the avatar within the hot window
+  (member = ticket id, score = time), so every node sees the same uses; expires with the window.
+* ``changed`` (channel): the new version, published on every change, so every node pushes
+  positions at once.
 
 The layout is the code's: nodes sharing a prefix run the same version (members without ``mode``
 and ``times`` fields without one come from an older version, and fail to decode).
@@ -40,10 +48,39 @@ local function count(identity, d)
   local n = redis.call('HINCRBY', k('ident'), identity, d)
   if n <= 0 then redis.call('HDEL', k('ident'), identity) end
 end
+local LOG_MAX = 1024
+local ops = {}
+local function op(...) table.insert(ops, {...}) end
 local function changed()
-  redis.call('INCR', k('ver'))
-  redis.call('PUBLISH', k('changed'), '')
+  local v = redis.call('INCR', k('ver'))
+  if v == 1 or redis.call('EXISTS', k('epoch')) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', k('epoch'), t[1] .. '.' .. t[2])
+    redis.call('DEL', k('log'))
+  end
+  redis.call('RPUSH', k('log'), cjson.encode({v, ops}))
+  redis.call('LTRIM', k('log'), -LOG_MAX, -1)
+  redis.call('PUBLISH', k('changed'), v)
 end
+local function wait_add(id, m, key)
+  redis.call('ZADD', k('wait'), key, m)
+  redis.call('HSET', k('wm'), id, m)
+  op('+w', id, m)
+end
+local function wait_del(id, m)
+  redis.call('HDEL', k('wm'), id)
+  if redis.call('ZREM', k('wait'), m) == 1 then op('-w', id) end
+end
+local function det_add(id, m, deadline)
+  redis.call('HSET', k('det'), id, m)
+  redis.call('ZADD', k('detu'), deadline, id)
+  op('+d', id, m)
+end
+local function det_del(id)
+  redis.call('ZREM', k('detu'), id)
+  if redis.call('HDEL', k('det'), id) == 1 then op('-d', id) end
+end
+local function busy_added(id) op('+b', id, redis.call('HGET', k('busy'), id)) end
 local function unpark(m, id)
   local rk = decode(m)[8]
   if rk ~= '' and redis.call('HGET', k('park'), rk) == id then redis.call('HDEL', k('park'), rk) end
@@ -58,6 +95,7 @@ local function free_busy(id)
   local b = cjson.decode(e)
   redis.call('HDEL', k('busy'), id)
   redis.call('ZREM', k('gexp'), id)
+  op('-b', id)
   count(decode(b[1])[2], -1)
   return b
 end
@@ -66,6 +104,19 @@ local function slots_total(now)
   local total = 0
   for _, n in ipairs(live) do total = total + tonumber(redis.call('HGET', k('nslots'), n) or '0') end
   return total, live
+end
+local function line_since(known_epoch, known_version)
+  local epoch = redis.call('GET', k('epoch')) or ''
+  local ver = tonumber(redis.call('GET', k('ver')) or '0')
+  local known = tonumber(known_version)
+  if epoch ~= '' and epoch == known_epoch and known <= ver then
+    if known == ver then return {epoch, ver, 'same'} end
+    if ver - known <= redis.call('LLEN', k('log')) then
+      return {epoch, ver, 'log', redis.call('LRANGE', k('log'), known - ver, -1)}
+    end
+  end
+  return {epoch, ver, 'whole', redis.call('ZRANGE', k('wait'), 0, -1), redis.call('HGETALL', k('det')),
+          redis.call('HGETALL', k('busy'))}
 end
 """
 
@@ -93,11 +144,9 @@ if #dead > 0 then
     local id, m = wm[i], wm[i + 1]
     local t = decode(m)
     if gone[t[7]] then
-      redis.call('ZREM', k('wait'), m)
-      redis.call('HDEL', k('wm'), id)
+      wait_del(id, m)
       count(t[2], -1)
-      redis.call('HSET', k('det'), id, m)
-      redis.call('ZADD', k('detu'), now + grace, id)
+      det_add(id, m, now + grace)
       park(m, id)
     end
   end
@@ -110,8 +159,7 @@ end
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('detu'), '-inf', ARGV[2])) do
   local m = redis.call('HGET', k('det'), id)
-  redis.call('ZREM', k('detu'), id)
-  redis.call('HDEL', k('det'), id)
+  det_del(id)
   if m then
     unpark(m, id)
     table.insert(out, m)
@@ -122,9 +170,10 @@ if any then changed() end
 return out
 """
 
-# ARGV: prefix, identity, tier, now, offered-work horizon, mode.
+# ARGV: prefix, identity, tier, now, offered-work horizon, the line's (epoch, version) the node
+# has, the joining ticket's id and avatar, the hot window in seconds (0: not counted here), mode.
 JOIN_SNAPSHOT = COMMON + """
-local tier, now, horizon, mode = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local tier, now, horizon, mode = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[11]
 local mean = redis.call('HGET', k('times'), mode .. ':' .. tier)
   or redis.call('HGET', k('times'), mode .. ':*') or '0'
 local value = tonumber(redis.call('HGET', k('off'), tier) or '0')
@@ -132,15 +181,21 @@ local since = tonumber(redis.call('HGET', k('off'), tier .. '@') or ARGV[4])
 value = value * math.exp(-math.max(0, now - since) / horizon) + tonumber(mean)
 redis.call('HSET', k('off'), tier, string.format('%.17g', value), tier .. '@', ARGV[4])
 local total = slots_total(ARGV[4])
+local uses, window = 0, tonumber(ARGV[10])
+if window > 0 then
+  local hot = k('hot:' .. ARGV[9])
+  redis.call('ZADD', hot, ARGV[4], ARGV[8])
+  redis.call('ZREMRANGEBYSCORE', hot, '-inf', string.format('%.17g', now - window))
+  redis.call('PEXPIRE', hot, math.ceil(window * 1000))
+  uses = redis.call('ZCARD', hot)
+end
 return {
-  redis.call('GET', k('ver')) or '0',
-  redis.call('ZRANGE', k('wait'), 0, -1),
-  redis.call('HVALS', k('det')),
-  redis.call('HVALS', k('busy')),
+  line_since(ARGV[6], ARGV[7]),
   total,
   redis.call('HGET', k('ident'), ARGV[2]) or '0',
   redis.call('HGETALL', k('times')),
   redis.call('HGETALL', k('off')),
+  uses,
 }
 """
 
@@ -155,8 +210,7 @@ local out = {'ok', ''}
 local det = redis.call('HGETALL', k('det'))
 for i = 1, #det, 2 do
   if decode(det[i + 1])[2] == identity then
-    redis.call('HDEL', k('det'), det[i])
-    redis.call('ZREM', k('detu'), det[i])
+    det_del(det[i])
     unpark(det[i + 1], det[i])
     table.insert(out, det[i + 1])
   end
@@ -164,8 +218,7 @@ end
 local seq = redis.call('INCR', k('seq'))
 local fields = {id, identity, ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]}
 local m = string.format('%015d', seq) .. cjson.encode(fields)
-redis.call('ZADD', k('wait'), ARGV[7], m)
-redis.call('HSET', k('wm'), id, m)
+wait_add(id, m, ARGV[7])
 count(identity, 1)
 changed()
 out[2] = m
@@ -176,14 +229,12 @@ REMOVE = COMMON + """
 local id = ARGV[2]
 local d = redis.call('HGET', k('det'), id)
 if d then
-  redis.call('HDEL', k('det'), id)
-  redis.call('ZREM', k('detu'), id)
+  det_del(id)
   unpark(d, id)
 end
 local m = redis.call('HGET', k('wm'), id)
 if m then
-  redis.call('ZREM', k('wait'), m)
-  redis.call('HDEL', k('wm'), id)
+  wait_del(id, m)
   count(decode(m)[2], -1)
 end
 if d or m then changed() end
@@ -194,11 +245,9 @@ DETACH = COMMON + """
 local id = ARGV[2]
 local m = redis.call('HGET', k('wm'), id)
 if not m then return false end
-redis.call('ZREM', k('wait'), m)
-redis.call('HDEL', k('wm'), id)
+wait_del(id, m)
 count(decode(m)[2], -1)
-redis.call('HSET', k('det'), id, m)
-redis.call('ZADD', k('detu'), ARGV[3], id)
+det_add(id, m, ARGV[3])
 park(m, id)
 changed()
 return m
@@ -211,13 +260,11 @@ local m = redis.call('HGET', k('det'), id)
 if not m then return false end
 local t = decode(m)
 if t[2] ~= ARGV[3] then return false end
-redis.call('HDEL', k('det'), id)
-redis.call('ZREM', k('detu'), id)
+det_del(id)
 unpark(m, id)
 t[7] = ARGV[4]
 m = string.sub(m, 1, 15) .. cjson.encode(t)
-redis.call('ZADD', k('wait'), t[5], m)
-redis.call('HSET', k('wm'), id, m)
+wait_add(id, m, t[5])
 count(t[2], 1)
 changed()
 return m
@@ -226,7 +273,9 @@ return m
 # ARGV: prefix, now, this node, grant id, grant deadline, grant ttl (ms), tier -> pools (JSON),
 # tier -> overflow pools (JSON). The first waiting ticket that a free slot may serve is granted:
 # a slot of one of its tier's pools (any pool for a tier not mapped), else of one of its overflow
-# pools to which no waiting ticket's tier is mapped; on its own node if that has one.
+# pools to which no waiting ticket's tier is mapped; on its own node if that has one. Returns the
+# grant: member, since, node, handoff id, tickets still waiting, the node's URL, and the slots
+# still free (on the nodes taking grants).
 POP_AND_RESERVE = COMMON + """
 local now, me = ARGV[2], ARGV[3]
 local primary, overflow = cjson.decode(ARGV[7]), cjson.decode(ARGV[8])
@@ -264,11 +313,22 @@ local function set_of(list)
   for _, x in ipairs(list) do out[x] = true end
   return out
 end
-local waiting = redis.call('ZRANGE', k('wait'), 0, -1)
+local function in_order()
+  -- the waiting members a page at a time: a grant mostly takes one of the first
+  local page, i, from = {}, 0, 0
+  return function()
+    i = i + 1
+    if i > #page then
+      page = redis.call('ZRANGE', k('wait'), from, from + 63)
+      from, i = from + 64, 1
+    end
+    return page[i]
+  end
+end
 local demanded = false
 local m, t, best = false, false, false
 local full = {}
-for _, candidate in ipairs(waiting) do
+for candidate in in_order() do
   local c = decode(candidate)
   local tier = c[3]
   if not full[tier] then
@@ -277,7 +337,7 @@ for _, candidate in ipairs(waiting) do
     if not node and overflow[tier] then
       if not demanded then
         demanded = {}
-        for _, other in ipairs(waiting) do
+        for _, other in ipairs(redis.call('ZRANGE', k('wait'), 0, -1)) do
           for _, p in ipairs(primary[decode(other)[3]] or {}) do demanded[p] = true end
         end
       end
@@ -295,9 +355,9 @@ for _, candidate in ipairs(waiting) do
   end
 end
 if not m then return false end
-redis.call('ZREM', k('wait'), m)
-redis.call('HDEL', k('wm'), t[1])
+wait_del(t[1], m)
 redis.call('HSET', k('busy'), t[1], cjson.encode({m, now, best}))
+busy_added(t[1])
 local handoff = ''
 if best ~= t[7] then
   handoff = ARGV[4]
@@ -305,7 +365,9 @@ if best ~= t[7] then
   redis.call('ZADD', k('gexp'), ARGV[5], t[1])
 end
 local size = redis.call('ZCARD', k('wait'))
-local grant = {m, now, best, handoff, tostring(size), redis.call('HGET', k('nurl'), best) or ''}
+local left = -1
+for _, n in ipairs(nodes) do left = left + free[n] end
+local grant = {m, now, best, handoff, tostring(size), redis.call('HGET', k('nurl'), best) or '', tostring(left)}
 if t[7] ~= me then redis.call('RPUSH', k('inbox:' .. t[7]), cjson.encode(grant)) end
 changed()
 return grant
@@ -337,6 +399,7 @@ changed()
 return b[1]
 """
 
+# ARGV: prefix, now, the line's (epoch, version) the node has.
 LINE = COMMON + """
 local total, live = slots_total(ARGV[2])
 local pools = {}
@@ -346,8 +409,7 @@ for _, n in ipairs(live) do
   table.insert(pools, redis.call('HGET', k('nslots'), n) or '0')
 end
 return {
-  redis.call('ZRANGE', k('wait'), 0, -1),
-  redis.call('HVALS', k('busy')),
+  line_since(ARGV[3], ARGV[4]),
   total,
   redis.call('HGETALL', k('times')),
   pools,
@@ -405,6 +467,7 @@ for i = 3, #ARGV, 2 do
   local t = decode(m)
   if redis.call('HEXISTS', k('busy'), t[1]) == 0 then
     redis.call('HSET', k('busy'), t[1], cjson.encode({m, ARGV[i + 1], ARGV[2]}))
+    busy_added(t[1])
     count(t[2], 1)
   end
 end

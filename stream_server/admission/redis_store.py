@@ -7,16 +7,23 @@ waiting tickets of its clients are held for a resume on any node, at their place
 the first ticket and reserves a slot on a live node that has one, the ticket's own node first;
 when that is another node, the grant carries a single-use handoff id that expires with its slot.
 
+A node keeps a copy of the line (``redis_line.LineCopy``) that every read of it (a join's
+snapshot, the dispatcher's view) brings up to date with the changes since, so a read carries the
+whole line only when the copy is too far behind. The uses of each avatar are counted here too
+(``hot_window_s``), in the join's snapshot, so the hot boost is the same on every node.
+
 Times are the caller's clock, which must be shared by every node (``time.time`` in a cluster).
 A lost connection raises ``StoreUnavailable`` with the cause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import secrets
-from collections.abc import Awaitable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -26,6 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 from stream_server.admission import redis_scripts as lua
 from stream_server.admission.eta import CLIP, BusySlot, OfferedWork, ServiceTimes
 from stream_server.admission.policy import JoinSnapshot, Ticket
+from stream_server.admission.redis_line import LineCopy, LineLogGap
 from stream_server.admission.store import AdmissionStore, Grant, LineState, NewTicket, StoreUnavailable
 
 OFFERED_HORIZON_S = 300.0
@@ -99,6 +107,7 @@ class RedisAdmissionStore(AdmissionStore):
         tier_pools: dict[str, list[str]] | None = None,
         overflow: dict[str, list[str]] | None = None,
         lease_client: aioredis.Redis | None = None,
+        hot_window_s: float = 0.0,
     ) -> None:
         self.client = client
         self.lease_client = lease_client or client
@@ -114,7 +123,14 @@ class RedisAdmissionStore(AdmissionStore):
         self.url = url
         self._tier_pools = json.dumps(tier_pools or {})
         self._overflow = json.dumps(overflow or {})
+        self.hot_window_s = hot_window_s
+        """Joins count their avatar's uses within this window in the store (0: they do not)."""
         self._scripts: dict[str, AsyncScript] = {}
+        self.calls: Counter[str] = Counter()
+        """Scripts run, by name: each is one round trip to Redis."""
+        self.line_copy = LineCopy(decode_ticket)
+        self._reading = asyncio.Lock()
+        """One read of the line at a time: each brings the copy from its version to the next."""
 
     async def _run(self, name: str, *args: str | int, lease: bool = False) -> Any:
         key = f"{name}:lease" if lease else name
@@ -122,6 +138,7 @@ class RedisAdmissionStore(AdmissionStore):
         if script is None:
             client = self.lease_client if lease else self.client
             script = self._scripts[key] = client.register_script(getattr(lua, name))
+        self.calls[name] += 1
         try:
             return await cast(Awaitable[Any], script(args=[self.prefix, *args]))
         except ResponseError as exc:
@@ -130,6 +147,20 @@ class RedisAdmissionStore(AdmissionStore):
             raise
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"the shared queue store (Redis) is unreachable: {exc}") from exc
+
+    async def _read(self, name: str, args: Callable[[str, int], list[str | int]]) -> list[Any]:
+        """Run a script that reads the line (``line_since`` first in its reply) with the copy's
+        ``(epoch, version)``, and bring the copy to the version it read. The copy stays as it is
+        until the caller's next ``await``."""
+        async with self._reading:
+            copy = self.line_copy
+            reply: list[Any] = await self._run(name, *args(copy.epoch, copy.version))
+            try:
+                copy.update(reply[0])
+            except LineLogGap:
+                reply = await self._run(name, *args(copy.epoch, copy.version))
+                copy.update(reply[0])
+            return reply
 
     def _busy(self, entries: list[Any], now: float) -> list[BusySlot]:
         out = []
@@ -140,10 +171,11 @@ class RedisAdmissionStore(AdmissionStore):
         return out
 
     def _grant(self, raw: list[Any]) -> Grant:
-        member, since, node, handoff, size, url = (_text(x) for x in raw)
+        member, since, node, handoff, size, url, left = (_text(x) for x in raw)
         ticket = decode_ticket(member)
         return Grant(
-            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url
+            ticket, float(since), int(size), node=node, owner_node=ticket.meta["node"], handoff=handoff, node_url=url,
+            more=int(left) > 0,
         )
 
     # ----- cluster membership -----
@@ -155,6 +187,12 @@ class RedisAdmissionStore(AdmissionStore):
             "HEARTBEAT", self.node_id, repr(now + lease_s), self.slots_total, self.pool, self.url, lease=True
         )
         return bool(new)
+
+    async def drop_idle_connections(self) -> None:
+        """Close the connections idle in the pools: after Redis restarted they lead nowhere, and
+        the next step on one would fail once before a new one is opened."""
+        for client in (self.client, self.lease_client):
+            await client.connection_pool.disconnect(inuse_connections=False)
 
     async def drain(self) -> None:
         """This node takes no new grants (it is shutting down)."""
@@ -172,27 +210,33 @@ class RedisAdmissionStore(AdmissionStore):
         return [decode_ticket(m) for m in members]
 
     async def join_snapshot(
-        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP, ticket_id: str = "", avatar: str = ""
     ) -> tuple[JoinSnapshot, int]:
-        version, waiting, detached, busy, total, active, times, offered = await self._run(
-            "JOIN_SNAPSHOT", identity, tier, repr(now), repr(OFFERED_HORIZON_S), mode
+        window = self.hot_window_s if avatar else 0.0
+        since, total, active, times, offered, uses = await self._read(
+            "JOIN_SNAPSHOT",
+            lambda epoch, version: [
+                identity, tier, repr(now), repr(OFFERED_HORIZON_S), epoch, version, ticket_id, avatar, repr(window),
+                mode,
+            ],
         )
         work = OfferedWork(OFFERED_HORIZON_S)
         raw = _pairs(offered)
         for name in self.tiers:
             if name in raw:
                 work.restore(name, float(raw[name]), float(raw[f"{name}@"]))
-        held = [t for t in map(decode_ticket, detached) if t.identity != identity]
+        copy = self.line_copy
         snapshot = JoinSnapshot(
-            waiting=[decode_ticket(m) for m in waiting],
-            held=held,
-            busy=self._busy(busy, now),
+            waiting=copy.waiting,
+            held=[t for t in copy.detached.values() if t.identity != identity],
+            busy=self._busy(list(copy.busy.values()), now),
             slots_total=max(1, int(total)),
             identity_active=int(active),
             times=_times(times),
             offered={name: work.rate(name, now) for name in self.tiers},
+            avatar_uses=int(uses) if window > 0 else None,
         )
-        return snapshot, int(version)
+        return snapshot, int(since[1])
 
     async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:
         reply = await self._run(
@@ -248,7 +292,8 @@ class RedisAdmissionStore(AdmissionStore):
         return None if member is None else decode_ticket(member)
 
     async def line(self, now: float) -> LineState:
-        waiting, busy, total, times, nodes = await self._run("LINE", repr(now))
+        _, total, times, nodes = await self._read("LINE", lambda epoch, version: [repr(now), epoch, version])
+        busy = list(self.line_copy.busy.values())
         node_pool: dict[str, str] = {}
         pool_slots: dict[str, int] = {}
         for i in range(0, len(nodes), 3):
@@ -257,7 +302,7 @@ class RedisAdmissionStore(AdmissionStore):
             pool_slots[pool] = pool_slots.get(pool, 0) + slots
         busy_nodes = [json.loads(_text(e))[2] for e in busy]
         return LineState(
-            waiting=[decode_ticket(m) for m in waiting],
+            waiting=self.line_copy.waiting,
             busy=self._busy(busy, now),
             slots_total=max(1, int(total)),
             times=_times(times),

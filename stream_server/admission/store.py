@@ -35,6 +35,8 @@ class Grant:
     presents there (``hello{resume: grant}``); the slot returns if it is not used in time."""
     node_url: str = ""
     """Where clients reach ``node`` (its advertised ``cluster.public_url``)."""
+    more: bool = True
+    """A slot was still free once this one was reserved: another grant may follow at once."""
 
     @property
     def remote(self) -> bool:
@@ -86,10 +88,13 @@ class AdmissionStore(ABC):
 
     @abstractmethod
     async def join_snapshot(
-        self, identity: str, tier: str, now: float, *, mode: str = CLIP
+        self, identity: str, tier: str, now: float, *, mode: str = CLIP, ticket_id: str = "", avatar: str = ""
     ) -> tuple[JoinSnapshot, int]:
         """Count a join attempt's work (the measured mean of its mode and tier) as offered and
-        read the line for the decision; with the store's version, which ``insert`` compares."""
+        read the line for the decision; with the store's version, which ``insert`` compares. A
+        shared store also counts the use of ``avatar`` by ``ticket_id`` (once, however often the
+        join is decided again) and gives the uses every node counted
+        (``JoinSnapshot.avatar_uses``)."""
 
     @abstractmethod
     async def insert(self, ticket: NewTicket, version: int) -> tuple[Ticket, list[Ticket]] | None:

@@ -52,6 +52,7 @@ class Membership:
                         "node %s was not registered any more (Redis restarted, or the lease ran out): registered again",
                         self.store.node_id,
                     )
+                    await self.store.drop_idle_connections()
                     await self.on_reset()
             except StoreUnavailable as exc:
                 log.error("lease not renewed: %s", exc)

@@ -63,6 +63,23 @@ async def test_tiers_take_their_pools_and_overflow_only_while_no_vip_waits(redis
     await client.aclose()
 
 
+async def test_a_vip_far_down_the_line_gets_the_local_slot_that_the_tickets_ahead_may_not_take(
+    redis_url: str, prefix: str
+) -> None:
+    client, q = await hybrid(redis_url, prefix)
+    await q.join("cloud-holder", "ch", "normal", "a", 0.0)
+    g = await q.grant(0.0)
+    assert g is not None and g.node == "gpu-cloud"
+    for n in range(150):  # deadlines 600.0 to 614.9
+        await q.join(f"n{n}", f"n{n}", "normal", "a", n / 10)
+    await q.join("v", "v", "vip", "a", 495.0)  # deadline 615: behind all 150, on the third page of 64
+    assert [t.id for t in (await q.view(495.0)).waiting][-1] == "v"
+    g = await q.grant(496.0)
+    assert g is not None and (g.ticket.id, g.node) == ("v", "gpu-local"), "the normals may not overflow: a vip waits"
+    assert await q.grant(496.0) is None
+    await client.aclose()
+
+
 async def test_etas_count_only_the_work_in_the_tickets_own_pools(redis_url: str, prefix: str) -> None:
     client, q = await hybrid(redis_url, prefix)
     # measure a service time of 100 s on each pool

@@ -6,16 +6,29 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from tests.cluster.cluster_harness import run_cluster, slots
+from tests.cluster.cluster_harness import Cluster, run_cluster, slots
 from tests.cluster.redis_helpers import private_redis, unique_prefix
 from tests.cluster.test_cluster_e2e import LIVE, hold, take_slot, wait_position
 from tests.server_harness import mint
 
 pytestmark = pytest.mark.slow
 LEASE_S = 1.5
+
+
+def queue_or_error(cluster: Cluster) -> dict[str, Any] | None:
+    """``/v1/queue`` of node 0; ``None`` while it answers that Redis cannot be reached (a JSON 503)."""
+    response = httpx.get(cluster.nodes[0].url + "/v1/queue", timeout=10)
+    if response.status_code == 503:
+        body = response.json()
+        assert body["code"] == "internal" and "unreachable" in body["message"], body
+        assert response.headers["retry-after"] == "2"
+        return None
+    return dict(response.json())
 
 
 async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
@@ -42,15 +55,17 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
         lost = await waiter.expect("error", timeout=LEASE_S * 4)
         assert lost["code"] == "internal" and "start again" in lost["message"]
         deadline = time.monotonic() + LEASE_S * 4
-        while slots(cluster.queue(0)) != (2, 2):
-            assert time.monotonic() < deadline, cluster.queue(0)
+        while (summary := queue_or_error(cluster)) is None or slots(summary) != (2, 2):
+            assert time.monotonic() < deadline, summary
             await asyncio.sleep(0.1)
 
         # the line works again: both start again, the vip first; nobody is granted a busy slot
         await waiter.send("start", **LIVE)
-        await wait_position(waiter, 1)
+        queued = await waiter.expect("queued", "error")
+        assert (queued["type"], queued.get("position")) == ("queued", 1), queued
         await newcomer.send("start", **LIVE)
-        await wait_position(newcomer, 1)
+        queued = await newcomer.expect("queued", "error")
+        assert (queued["type"], queued.get("position")) == ("queued", 1), queued
         await wait_position(waiter, 2)
         assert not waiter.of_type("granted") and not newcomer.of_type("granted")
         await h0.send("cancel")
