@@ -274,3 +274,6 @@ async def test_clients_vanishing_at_every_stage_leak_nothing(tmp_path: Path) -> 
         await client.send("audio_end")
         assert (await client.expect("done", "error"))["type"] == "done"
         await client.close()
+        # every upload was closed where its request ended (a new join superseding a parked
+        # ticket of the same identity too), not released late by the garbage collector
+        assert "dropped without being closed" not in server.log()

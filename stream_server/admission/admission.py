@@ -73,15 +73,18 @@ class Admission(Generic[OwnerT]):
         shared store, the grants not taken up and the nodes whose lease ran out. Every step below
         does it first, unless told the caller just did at the same ``now`` (a dispatcher round)."""
         for ticket in await self.store.expire(now):
-            owner = self._owners.get(ticket.id)
-            self._forget(ticket.id)
-            if owner is not None:
-                owner.forgotten()
+            self._forget(ticket.id, tell=True)
 
-    def _forget(self, ticket_id: str) -> None:
+    def _forget(self, ticket_id: str, *, tell: bool = False) -> None:
+        """Drop the ticket's owner handle; ``tell``: the ticket is gone for good without its
+        owner's doing (expired, or superseded by a new join of its identity), so it hears it."""
         owner = self._owners.pop(ticket_id, None)
-        if owner is not None and self._parked.get(owner.resume_key) == ticket_id:
+        if owner is None:
+            return
+        if self._parked.get(owner.resume_key) == ticket_id:
             del self._parked[owner.resume_key]
+        if tell:
+            owner.forgotten()
 
     async def join(
         self,
@@ -117,7 +120,7 @@ class Admission(Generic[OwnerT]):
                     break
         ticket, superseded = added
         for old in superseded:
-            self._forget(old.id)
+            self._forget(old.id, tell=True)
         if owner is not None:
             self._owners[ticket_id] = owner
         self.on_change()

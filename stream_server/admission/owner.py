@@ -25,7 +25,8 @@ class TicketOwner(ABC):
 
     @abstractmethod
     def forgotten(self) -> None:
-        """The detached ticket's resume grace is over: it is gone for good (free what it holds)."""
+        """The detached ticket is gone for good: its resume grace is over, or a new join of its
+        identity superseded it (free what it holds)."""
 
     @abstractmethod
     def lost(self, reason: str) -> None:

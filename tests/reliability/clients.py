@@ -53,4 +53,6 @@ async def wait_holds_nothing(server: RunningServer, timeout: float = 20.0) -> di
         if time.monotonic() > deadline:
             raise AssertionError(f"the server still holds something once the clients are gone: {stats}")
         await asyncio.sleep(0.05)
+    # and it let go of each upload where its request ended, not later through the garbage collector
+    assert "dropped without being closed" not in server.log(), "an audio upload was released late"
     return stats
