@@ -24,7 +24,7 @@ from inference.worker import FrameWorker
 from inference.worker_health import WorkerStatus, judge
 
 if TYPE_CHECKING:
-    from inference.serving_engine import EncodeOptions, PacketOptions, ServingEngine
+    from inference.serving_engine import EncodeOptions, PacketOptions
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +134,6 @@ def build_renderers(config: EngineConfig) -> list[Renderer]:
     else:
         log.info("%d frame worker(s): the lite engine on the CPU", len(devices))
     return [build_renderer(config, kind, device) for device in devices]
-
-
-def open_engine(config: EngineConfig) -> ServingEngine:
-    """``engine.process_mode``: worker threads in this process, or supervised worker processes."""
-    if config.process_mode == "process":
-        from inference.procs.process_pool import ProcessEnginePool
-
-        return ProcessEnginePool(config)
-    if config.process_mode != "thread":
-        raise ValueError(f'engine.process_mode must be "thread" or "process", not {config.process_mode!r}')
-    return EnginePool(config)
 
 
 class EnginePool:

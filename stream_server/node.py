@@ -13,7 +13,8 @@ from pathlib import Path
 
 from inference.avatars.preparer import AvatarPreparer
 from inference.engine import FPS
-from inference.pool import EngineConfig, open_engine
+from inference.engines import open_engine
+from inference.pool import EngineConfig
 from inference.serving_engine import ServingEngine
 from stream_server.admission.admission import Admission
 from stream_server.admission.memory import MemoryAdmissionStore
