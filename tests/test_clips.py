@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,29 @@ def test_keys_are_validated(tmp_path: Path) -> None:
     assert not store.exists("../../etc/passwd")
     with pytest.raises(KeyError):
         store.path("../x")
+
+
+def test_the_same_clip_made_by_two_sessions_at_once_is_stored_once(tmp_path: Path) -> None:
+    """Two users with the same avatar and audio make the same key at the same moment."""
+    store = ClipStore(tmp_path)
+    key = clip_key(n=7)
+    failures: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            for _ in range(200):
+                writer = store.writer(key, "astronaut")
+                writer.write(b"\1" * 4096)
+                writer.commit({"frames": 1})
+        except BaseException as exc:  # noqa: BLE001 - the test reports what a thread raised
+            failures.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    found = store.read(key)
+    assert found is not None and found[0] == b"\1" * 4096 and found[1]["avatar"] == "astronaut"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".part-")] == []

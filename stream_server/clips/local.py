@@ -1,9 +1,13 @@
-"""Clips in a local folder: one file per blob, written to a temporary name and renamed."""
+"""Clips in a local folder: one file per blob, written to a temporary name and renamed.
+
+Two sessions may make the same clip at once (the same avatar and audio: the same key), so each
+writer has a temporary name of its own; the last rename wins, and both wrote the same bytes."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from stream_server.clips.backend import BlobInfo, ClipBackend
@@ -26,7 +30,7 @@ class LocalClipBackend(ClipBackend):
         try:
             os.replace(source, path)
         except OSError:  # another file system: copy, then rename in place
-            tmp = path.with_name(f".part-{path.name}")
+            tmp = _temporary_beside(path)
             shutil.copyfile(source, tmp)
             os.replace(tmp, path)
             source.unlink(missing_ok=True)
@@ -34,7 +38,7 @@ class LocalClipBackend(ClipBackend):
     def put_bytes(self, name: str, data: bytes) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".part-{path.name}")
+        tmp = _temporary_beside(path)
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
@@ -66,3 +70,11 @@ class LocalClipBackend(ClipBackend):
 
     def local_path(self, name: str) -> Path | None:
         return self._path(name)
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A new empty file next to ``path`` (same file system, so the rename is atomic), named
+    ``.part-...`` so that listings skip it."""
+    fd, name = tempfile.mkstemp(prefix=f".part-{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(name)
