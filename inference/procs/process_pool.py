@@ -11,6 +11,7 @@ serve: one that dies, stalls or turns slow leaves it until it serves again
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -217,7 +218,9 @@ class ProcessEnginePool:
     def worker_status(self) -> list[WorkerStatus]:
         now = time.monotonic()
         up = [w.up for w in self.workers]
-        stats = [w.stats for w in self.workers]
+        # streams: this process's own count of the streams placed on each worker (exact now; the
+        # worker's own report lags by up to a second)
+        stats = [dataclasses.replace(w.stats, streams=w.active_streams) for w in self.workers]
         silent = [now - w.last_heard if w.up else 0.0 for w in self.workers]
         reasons = judge(up, stats, silent)
         return [

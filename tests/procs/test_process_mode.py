@@ -204,6 +204,7 @@ async def test_a_killed_encoder_ends_its_stream_with_internal_and_keeps_no_parti
     client = await start_long_clip(server, "encoder", 60.0)  # (a clip no other test made: not replayed)
     await client.expect("progress", timeout=60)  # segments are flowing: its encoder is mid-stream
     assert len(client.media) >= 2, "the init segment and a media segment came"
+    await asyncio.sleep(1.5)  # the node refreshes the per-worker gauges once a second
     wait_for(lambda: sum(worker_metric(server, "mts_worker_streams").values()) == 1, "one stream", server)
     streams = worker_metric(server, "mts_worker_streams")
     encoder = next(name for name, n in streams.items() if n == 1)
