@@ -31,6 +31,19 @@ def png(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def upload_sources(server: RunningServer) -> None:
+    """Upload both avatars of ``sources`` and wait until they are prepared."""
+    admin = {"Authorization": f"Bearer {mint('root', 'vip', roles=['admin'])}"}
+    for avatar_id, image in sources().items():
+        response = httpx.post(f"{server.url}/v1/avatars?id={avatar_id}", content=png(image),
+                              headers={**admin, "Content-Type": "image/png"}, timeout=30)
+        assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 120
+    while not all(server.get(f"/v1/avatars/{a}").json()["status"] == "ready" for a in sources()):
+        assert time.monotonic() < deadline, server.log()[-2000:]
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     with run_server(
@@ -40,15 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         MTS_ENGINE__WORKERS="2",
         MTS_LIMITS__START_BURST="50",
     ) as running:
-        admin = {"Authorization": f"Bearer {mint('root', 'vip', roles=['admin'])}"}
-        for avatar_id, image in sources().items():
-            response = httpx.post(f"{running.url}/v1/avatars?id={avatar_id}", content=png(image),
-                                  headers={**admin, "Content-Type": "image/png"}, timeout=30)
-            assert response.status_code == 202, response.text
-        deadline = time.monotonic() + 120
-        while not all(running.get(f"/v1/avatars/{a}").json()["status"] == "ready" for a in sources()):
-            assert time.monotonic() < deadline, running.log()[-2000:]
-            time.sleep(0.2)
+        upload_sources(running)
         yield running
 
 
@@ -65,12 +70,13 @@ def metric(server: RunningServer, name: str, level: str) -> float:
     raise AssertionError(f"{name} {level} not in /metrics")
 
 
-async def test_alternating_avatars_under_a_budget_of_one_never_swap_faces(server: RunningServer) -> None:
+async def alternate_avatars(server: RunningServer, sub: str, turns: int = 6) -> None:
+    """``turns`` clips, one at a time, alternating the two avatars; each shows its own face."""
     faces = sources()
-    for turn in range(6):
+    for turn in range(turns):
         avatar_id = "plain" if turn % 2 == 0 else "mirror"
         client = await Client.connect(server)
-        await client.hello(mint(f"cache-{turn}", "normal"))
+        await client.hello(mint(f"{sub}-{turn}", "normal"))
         await client.send("start", avatar=avatar_id, mode="clip", transport="mse", audio={"format": "wav"})
         await client.ws.send(tone_wav(0.4 + 0.04 * turn))  # another clip each turn: no clip-cache hit
         await client.send("audio_end")
@@ -87,6 +93,10 @@ async def test_alternating_avatars_under_a_budget_of_one_never_swap_faces(server
             own_error = float(np.abs(top - own).mean())
             assert own_error < 12.0, (turn, avatar_id, own_error)  # its own face, up to compression
             assert own_error * 4 < float(np.abs(top - other).mean())
+
+
+async def test_alternating_avatars_under_a_budget_of_one_never_swap_faces(server: RunningServer) -> None:
+    await alternate_avatars(server, "cache")
     assert metric(server, "mts_avatar_cache_evictions_total", "host") >= 4
     assert metric(server, "mts_avatar_cache_evictions_total", "device") >= 2
     assert metric(server, "mts_avatar_cache_misses_total", "host") >= 4
